@@ -1,6 +1,7 @@
 //! Files that sd-rs reads and writes: PNGs with generation parameters, prompt files for batch
 //! generation, caption files for training, and atomic writes so nothing half-written is left.
 pub mod captions;
+pub mod model_dir;
 pub mod png_meta;
 pub mod prompt_file;
 
