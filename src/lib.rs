@@ -5,5 +5,7 @@ pub mod cli;
 pub mod device;
 pub mod io;
 pub mod model;
+pub mod pipeline;
 pub mod sampler;
 pub mod schedule;
+pub mod train;

@@ -1,6 +1,12 @@
 //! `sd-rs generate`: text-to-image, img2img and scripted batches.
-use anyhow::Result;
-use std::path::PathBuf;
+use crate::io::png_meta::{write_png, GenerationParams};
+use crate::io::prompt_file::{in_shard, parse_shard, read_prompt_file, PromptJob};
+use crate::pipeline::{GenerateRequest, Pipeline, PipelineDefaults};
+use crate::sampler::SamplerKind;
+use anyhow::{bail, Context, Result};
+use indicatif::{ProgressBar, ProgressStyle};
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
 
 #[derive(clap::Args, Debug)]
 pub struct GenerateArgs {
@@ -86,8 +92,8 @@ pub struct GenerateArgs {
     #[arg(long, value_delimiter = ',')]
     pub show_x0: Vec<usize>,
 
-    /// Compute dtype: f32, f16 or bf16 (half precision needs a GPU).
-    #[arg(long, default_value = "f32")]
+    /// Compute dtype: auto (bf16 on CUDA, f32 on CPU), f32, f16 or bf16.
+    #[arg(long, default_value = "auto")]
     pub dtype: String,
 
     /// auto, cpu, cuda, cuda:N or metal.
@@ -99,6 +105,460 @@ pub struct GenerateArgs {
     pub preview_scale: Option<u32>,
 }
 
-pub fn run(_args: GenerateArgs) -> Result<()> {
-    Err(super::not_built_yet("generate", "the generate command is issue 5"))
+/// One image to make, with every setting resolved.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ImageJob {
+    pub prompt: String,
+    pub negative_prompt: String,
+    pub seed: u64,
+    pub steps: usize,
+    pub guidance_scale: f64,
+    pub sampler: SamplerKind,
+    pub width: usize,
+    pub height: usize,
+    pub output: PathBuf,
+    /// Where the job came from, for messages: "prompt", "FILE:LINE" or the PNG path.
+    pub origin: String,
+}
+
+impl ImageJob {
+    /// Jobs that can share one batched denoising run: everything equal but the seed.
+    fn batchable_with(&self, other: &ImageJob) -> bool {
+        (
+            &self.prompt,
+            &self.negative_prompt,
+            self.steps,
+            self.sampler,
+            self.width,
+            self.height,
+        ) == (
+            &other.prompt,
+            &other.negative_prompt,
+            other.steps,
+            other.sampler,
+            other.width,
+            other.height,
+        ) && self.guidance_scale == other.guidance_scale
+    }
+}
+
+/// A bad line of a prompt file: reported, and the rest still runs.
+#[derive(Debug)]
+pub struct SkippedLine {
+    pub origin: String,
+    pub reason: String,
+}
+
+/// The settings one request (the command line, a prompt-file line, a PNG) may set.
+#[derive(Debug, Default, Clone)]
+struct Request {
+    prompt: String,
+    negative_prompt: Option<String>,
+    seed: Option<i64>,
+    steps: Option<usize>,
+    guidance_scale: Option<f64>,
+    sampler: Option<String>,
+    width: Option<usize>,
+    height: Option<usize>,
+    num_images: Option<usize>,
+    origin: String,
+    line: Option<usize>,
+}
+
+fn random_seed() -> u64 {
+    // Stay within 2^32 so seeds are easy to type and match A1111's range.
+    rand::random::<u32>() as u64
+}
+
+/// Turns the command line into the list of images to make.
+pub fn plan_jobs(
+    args: &GenerateArgs,
+    defaults: &PipelineDefaults,
+) -> Result<(Vec<ImageJob>, Vec<SkippedLine>)> {
+    let mut requests = Vec::new();
+    let mut skipped = Vec::new();
+    let cli = Request {
+        prompt: args.prompt.clone().unwrap_or_default(),
+        negative_prompt: None,
+        seed: args.seed,
+        steps: args.steps,
+        guidance_scale: args.guidance_scale,
+        sampler: args.sampler.clone(),
+        width: args.width,
+        height: args.height,
+        num_images: Some(args.num_images),
+        origin: "prompt".into(),
+        line: None,
+    };
+    if let Some(file) = &args.from_file {
+        if args.prompt.is_some() {
+            bail!("give either a PROMPT or --from-file, not both");
+        }
+        let shard = args.shard.as_deref().map(parse_shard).transpose()?;
+        let mut index = 0;
+        for entry in read_prompt_file(file)? {
+            match entry {
+                Ok(job) => {
+                    if shard.is_none_or(|s| in_shard(index, s)) {
+                        requests.push(merge_prompt_job(&cli, job, file, args));
+                    }
+                    index += 1;
+                }
+                Err(e) => skipped.push(SkippedLine {
+                    origin: format!("{}:{}", file.display(), e.line),
+                    reason: e.message,
+                }),
+            }
+        }
+        if requests.is_empty() && skipped.is_empty() {
+            bail!("{} has no prompts", file.display());
+        }
+    } else if let Some(png) = &args.from_png {
+        let text = crate::io::png_meta::read_parameters(png)?
+            .with_context(|| format!("{} has no generation parameters to re-run", png.display()))?;
+        let p = GenerationParams::from_a1111(&text)
+            .with_context(|| format!("reading {}", png.display()))?;
+        // The command line overrides what the PNG says, so a re-run can vary one setting.
+        requests.push(Request {
+            prompt: args.prompt.clone().unwrap_or(p.prompt),
+            negative_prompt: Some(if args.negative_prompt.is_empty() {
+                p.negative_prompt
+            } else {
+                args.negative_prompt.clone()
+            }),
+            seed: Some(args.seed.unwrap_or(p.seed as i64)),
+            steps: Some(args.steps.unwrap_or(p.steps)),
+            guidance_scale: Some(args.guidance_scale.unwrap_or(p.cfg_scale)),
+            sampler: Some(args.sampler.clone().unwrap_or(p.sampler)),
+            width: Some(args.width.unwrap_or(p.width)),
+            height: Some(args.height.unwrap_or(p.height)),
+            num_images: Some(args.num_images),
+            origin: png.display().to_string(),
+            line: None,
+        });
+    } else {
+        if cli.prompt.is_empty() {
+            bail!("no prompt: give one, e.g. sd-rs generate \"anime girl, red hair\", or use --from-file / --from-png");
+        }
+        requests.push(Request {
+            negative_prompt: Some(args.negative_prompt.clone()),
+            ..cli
+        });
+    }
+
+    let mut jobs = Vec::new();
+    for request in requests {
+        match expand(&request, args, defaults, jobs.len()) {
+            Ok(mut more) => jobs.append(&mut more),
+            Err(e) => skipped.push(SkippedLine {
+                origin: request.origin.clone(),
+                reason: format!("{e:#}"),
+            }),
+        }
+    }
+    Ok((jobs, skipped))
+}
+
+fn merge_prompt_job(cli: &Request, job: PromptJob, file: &Path, args: &GenerateArgs) -> Request {
+    let num_images = job
+        .batch_size
+        .map(|b| b * job.n_iter.unwrap_or(1))
+        .or(job.n_iter.map(|n| n * args.num_images));
+    Request {
+        prompt: job.prompt,
+        negative_prompt: Some(
+            job.negative_prompt
+                .unwrap_or_else(|| args.negative_prompt.clone()),
+        ),
+        seed: job.seed.or(cli.seed),
+        steps: job.steps.or(cli.steps),
+        guidance_scale: job.cfg_scale.or(cli.guidance_scale),
+        sampler: job.sampler_name.or(cli.sampler.clone()),
+        width: job.width.or(cli.width),
+        height: job.height.or(cli.height),
+        num_images: num_images.or(cli.num_images),
+        origin: format!("{}:{}", file.display(), job.line),
+        line: Some(job.line),
+    }
+}
+
+fn expand(
+    r: &Request,
+    args: &GenerateArgs,
+    defaults: &PipelineDefaults,
+    first_index: usize,
+) -> Result<Vec<ImageJob>> {
+    let width = r.width.unwrap_or(defaults.width);
+    let height = r.height.unwrap_or(defaults.height);
+    if width % 8 != 0 || height % 8 != 0 || width == 0 || height == 0 {
+        bail!(
+            "size {width}x{height} must be positive multiples of 8 (e.g. {}x{})",
+            width / 8 * 8 + 8,
+            height / 8 * 8 + 8
+        );
+    }
+    let sampler = match &r.sampler {
+        Some(name) => SamplerKind::from_str(name).map_err(|e| anyhow::anyhow!("{e}"))?,
+        None => defaults.sampler,
+    };
+    let steps = r.steps.unwrap_or(defaults.steps);
+    if steps == 0 {
+        bail!("--steps must be at least 1");
+    }
+    let seed = match r.seed {
+        None | Some(-1) => {
+            let s = random_seed();
+            eprintln!("{}: seed {s}", r.origin);
+            s
+        }
+        Some(s) if s < 0 => bail!("seed {s} is negative; use -1 for a random seed"),
+        Some(s) => s as u64,
+    };
+    let n = r.num_images.unwrap_or(1);
+    Ok((0..n)
+        .map(|i| {
+            let seed = seed + i as u64;
+            let index = first_index + i;
+            ImageJob {
+                prompt: r.prompt.clone(),
+                negative_prompt: r.negative_prompt.clone().unwrap_or_default(),
+                seed,
+                steps,
+                guidance_scale: r.guidance_scale.unwrap_or(defaults.guidance_scale),
+                sampler,
+                width,
+                height,
+                output: output_path(
+                    &args.output,
+                    &args.name_pattern,
+                    index,
+                    seed,
+                    &r.prompt,
+                    r.line,
+                ),
+                origin: r.origin.clone(),
+            }
+        })
+        .collect())
+}
+
+/// `--output` ending in .png is a file (numbered when a run makes several images); anything
+/// else is a folder where `--name-pattern` names the files.
+fn output_path(
+    output: &Path,
+    pattern: &str,
+    index: usize,
+    seed: u64,
+    prompt: &str,
+    line: Option<usize>,
+) -> PathBuf {
+    let is_file = output
+        .extension()
+        .is_some_and(|e| e.eq_ignore_ascii_case("png"));
+    if is_file {
+        if index == 0 {
+            return output.to_path_buf();
+        }
+        let stem = output.file_stem().unwrap().to_string_lossy();
+        return output.with_file_name(format!("{stem}-{index}.png"));
+    }
+    let name = pattern
+        .replace("{index}", &format!("{index:05}"))
+        .replace("{seed}", &seed.to_string())
+        .replace("{line}", &line.map(|l| l.to_string()).unwrap_or_default())
+        .replace("{prompt}", &slug(prompt));
+    output.join(name)
+}
+
+/// A file-name-safe short form of a prompt.
+fn slug(prompt: &str) -> String {
+    let s: String = prompt
+        .chars()
+        .map(|c| {
+            if c.is_alphanumeric() {
+                c.to_ascii_lowercase()
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    let s = s
+        .split('_')
+        .filter(|w| !w.is_empty())
+        .collect::<Vec<_>>()
+        .join("_");
+    s.chars().take(60).collect()
+}
+
+/// Groups consecutive batchable jobs into runs of at most `batch_size`.
+pub fn batches(jobs: &[ImageJob], batch_size: usize) -> Vec<&[ImageJob]> {
+    let mut out = Vec::new();
+    let mut start = 0;
+    for end in 1..=jobs.len() {
+        if end == jobs.len()
+            || end - start == batch_size.max(1)
+            || !jobs[start].batchable_with(&jobs[end])
+        {
+            out.push(&jobs[start..end]);
+            start = end;
+        }
+    }
+    out
+}
+
+pub fn run(args: GenerateArgs) -> Result<()> {
+    if !(0.0..=1.0).contains(&args.strength) {
+        bail!("--strength {} must be between 0 and 1", args.strength);
+    }
+    let device = crate::device::select_device(&args.device.parse()?)?;
+    let dtype = crate::device::parse_dtype(&args.dtype, &device)?;
+    let variant = (dtype != candle_core::DType::F32).then_some("fp16");
+    let model_dir = crate::io::model_dir::resolve_model(args.model.as_deref(), variant)?;
+    let started = std::time::Instant::now();
+    let pipeline = Pipeline::load(&model_dir, &device, dtype)?;
+    eprintln!(
+        "loaded {} in {:.2}s",
+        pipeline.name(),
+        started.elapsed().as_secs_f64()
+    );
+
+    let (jobs, mut failed) = plan_jobs(&args, &pipeline.defaults())?;
+    for s in &failed {
+        eprintln!("{}: skipped: {}", s.origin, s.reason);
+    }
+    let (todo, existing): (Vec<ImageJob>, Vec<ImageJob>) = jobs
+        .into_iter()
+        .partition(|j| args.overwrite || !j.output.exists());
+    if !existing.is_empty() {
+        eprintln!(
+            "{} images already exist and are kept (use --overwrite to replace them)",
+            existing.len()
+        );
+    }
+    let init_image = args
+        .init_image
+        .as_deref()
+        .map(|p| crate::pipeline::load_image(p))
+        .transpose()?;
+
+    let bar = ProgressBar::new(todo.len() as u64);
+    bar.set_style(
+        ProgressStyle::with_template(
+            "{spinner} [{elapsed_precise}] {bar:30} {pos}/{len} images, ETA {eta} {msg}",
+        )
+        .unwrap(),
+    );
+    let mut written = 0;
+    let mut warned = std::collections::HashSet::new();
+    for batch in batches(&todo, args.batch_size) {
+        let job = &batch[0];
+        let request = GenerateRequest {
+            prompt: &job.prompt,
+            negative_prompt: &job.negative_prompt,
+            seeds: batch.iter().map(|j| j.seed).collect(),
+            steps: job.steps,
+            guidance_scale: job.guidance_scale,
+            sampler: job.sampler,
+            width: job.width,
+            height: job.height,
+            init_image: init_image.as_ref(),
+            strength: args.strength,
+            show_x0: &args.show_x0,
+        };
+        bar.set_message(job.origin.clone());
+        if warned.insert(job.prompt.clone()) {
+            let unknown = pipeline.unknown_words(&job.prompt);
+            if !unknown.is_empty() {
+                bar.println(format!(
+                    "warning: {}: the model does not know {}; generating without them",
+                    job.origin,
+                    unknown.iter().map(|w| format!("{w:?}")).collect::<Vec<_>>().join(", ")
+                ));
+            }
+        }
+        let result = pipeline.generate(&request, &mut |_step, _total| bar.tick());
+        match result {
+            Ok(output) => {
+                for (j, image) in batch.iter().zip(&output.images) {
+                    let params = GenerationParams {
+                        prompt: j.prompt.clone(),
+                        negative_prompt: j.negative_prompt.clone(),
+                        steps: j.steps,
+                        sampler: j.sampler.to_string(),
+                        cfg_scale: j.guidance_scale,
+                        seed: j.seed,
+                        width: j.width,
+                        height: j.height,
+                        model: Some(pipeline.name().to_string()),
+                        denoising_strength: init_image.as_ref().map(|_| args.strength),
+                        extra: Vec::new(),
+                    };
+                    save_image(&j.output, image, &params.to_a1111(), args.preview_scale)?;
+                    bar.println(format!("{} (seed {})", j.output.display(), j.seed));
+                    written += 1;
+                }
+                for (j, strip) in batch.iter().zip(&output.x0_strips) {
+                    let path = j.output.with_file_name(format!(
+                        "{}-x0.png",
+                        j.output.file_stem().unwrap().to_string_lossy()
+                    ));
+                    save_image(&path, strip, "predicted x0 at the chosen steps", None)?;
+                }
+            }
+            Err(e) => failed.push(SkippedLine {
+                origin: job.origin.clone(),
+                reason: format!("{e:#}"),
+            }),
+        }
+        bar.inc(batch.len() as u64);
+    }
+    bar.finish_and_clear();
+    eprintln!(
+        "done: {written} images written, {} kept, {} failed, in {:.1}s",
+        existing.len(),
+        failed.len(),
+        started.elapsed().as_secs_f64()
+    );
+    if !failed.is_empty() {
+        for f in &failed {
+            eprintln!("  {}: {}", f.origin, f.reason);
+        }
+        bail!("{} requests failed", failed.len());
+    }
+    Ok(())
+}
+
+fn save_image(
+    path: &Path,
+    image: &image::RgbImage,
+    parameters: &str,
+    preview_scale: Option<u32>,
+) -> Result<()> {
+    write_png(
+        path,
+        image.as_raw(),
+        image.width(),
+        image.height(),
+        parameters,
+    )?;
+    if let Some(scale) = preview_scale.filter(|&s| s > 1) {
+        let big = image::imageops::resize(
+            image,
+            image.width() * scale,
+            image.height() * scale,
+            image::imageops::FilterType::Nearest,
+        );
+        let preview = path.with_file_name(format!(
+            "{}-preview.png",
+            path.file_stem().unwrap().to_string_lossy()
+        ));
+        write_png(
+            &preview,
+            big.as_raw(),
+            big.width(),
+            big.height(),
+            parameters,
+        )?;
+    }
+    Ok(())
 }

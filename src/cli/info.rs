@@ -25,7 +25,10 @@ pub fn run(args: InfoArgs) -> Result<()> {
         }
     }
     if missing > 0 {
-        bail!("{missing} of {} images had no parameters", args.images.len());
+        bail!(
+            "{missing} of {} images had no parameters",
+            args.images.len()
+        );
     }
     Ok(())
 }

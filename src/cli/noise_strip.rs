@@ -8,7 +8,11 @@ pub struct NoiseStripArgs {
     pub image: PathBuf,
 
     /// Timesteps to show, e.g. 0,100,250,500,750,999.
-    #[arg(long, value_delimiter = ',', default_value = "0,50,100,250,500,750,999")]
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "0,50,100,250,500,750,999"
+    )]
     pub t: Vec<usize>,
 
     /// A diffusers scheduler_config.json; default: the DDPM paper's linear 1e-4..0.02, T=1000.
@@ -27,5 +31,8 @@ pub struct NoiseStripArgs {
 }
 
 pub fn run(_args: NoiseStripArgs) -> Result<()> {
-    Err(super::not_built_yet("noise-strip", "waiting on the schedule module"))
+    Err(super::not_built_yet(
+        "noise-strip",
+        "waiting on the schedule module",
+    ))
 }

@@ -40,5 +40,8 @@ pub struct TrainArgs {
 }
 
 pub fn run(_args: TrainArgs) -> Result<()> {
-    Err(super::not_built_yet("train", "the train command is issue 6"))
+    Err(super::not_built_yet(
+        "train",
+        "the train command is issue 6",
+    ))
 }

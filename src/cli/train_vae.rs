@@ -31,5 +31,8 @@ pub struct TrainVaeArgs {
 }
 
 pub fn run(_args: TrainVaeArgs) -> Result<()> {
-    Err(super::not_built_yet("train-vae", "the train-vae command is issue 6"))
+    Err(super::not_built_yet(
+        "train-vae",
+        "the train-vae command is issue 6",
+    ))
 }
