@@ -104,31 +104,48 @@ impl Pipeline {
         let variant = (dtype != DType::F32).then_some("fp16");
         let encoder_names: &[(&str, &str)] = match family {
             Family::StableDiffusion => &[("tokenizer", "text_encoder")],
-            Family::Sdxl => &[("tokenizer", "text_encoder"), ("tokenizer_2", "text_encoder_2")],
+            Family::Sdxl => &[
+                ("tokenizer", "text_encoder"),
+                ("tokenizer_2", "text_encoder_2"),
+            ],
         };
         let mut text_encoders = Vec::new();
         for (tok, enc) in encoder_names {
             let tokenizer = PromptTokenizer::from_dir(dir.join(tok))
                 .with_context(|| format!("loading {}", dir.join(tok).display()))?;
-            let (cfg, vb) = load_component::<ClipTextConfig>(&dir.join(enc), variant, dtype, device)?;
-            let model = ClipTextModel::new(vb, &cfg).with_context(|| format!("building {}", dir.join(enc).display()))?;
+            let (cfg, vb) =
+                load_component::<ClipTextConfig>(&dir.join(enc), variant, dtype, device)?;
+            let model = ClipTextModel::new(vb, &cfg)
+                .with_context(|| format!("building {}", dir.join(enc).display()))?;
             let layer = match family {
                 Family::StableDiffusion => ContextLayer::Final { clip_skip: 0 },
                 Family::Sdxl => ContextLayer::Penultimate { clip_skip: 0 },
             };
-            text_encoders.push(TextEncoder { tokenizer, model, layer });
+            text_encoders.push(TextEncoder {
+                tokenizer,
+                model,
+                layer,
+            });
         }
-        let (unet_cfg, vb) = load_component::<UNet2DConditionConfig>(&dir.join("unet"), variant, dtype, device)?;
+        let (unet_cfg, vb) =
+            load_component::<UNet2DConditionConfig>(&dir.join("unet"), variant, dtype, device)?;
         let unet = UNet2DConditionModel::new(vb, &unet_cfg).context("building the U-Net")?;
         // The VAE decodes in f32 unless asked for bf16: f16 overflows to inf in its decoder.
-        let vae_dtype = if dtype == DType::F16 { DType::F32 } else { dtype };
-        let (vae_cfg, vb) = load_component::<AutoencoderKLConfig>(&dir.join("vae"), variant, vae_dtype, device)?;
+        let vae_dtype = if dtype == DType::F16 {
+            DType::F32
+        } else {
+            dtype
+        };
+        let (vae_cfg, vb) =
+            load_component::<AutoencoderKLConfig>(&dir.join("vae"), variant, vae_dtype, device)?;
         let vae = AutoencoderKL::new(vb, &vae_cfg).context("building the VAE")?;
         let scheduler = SchedulerConfig::from_file(dir.join("scheduler/scheduler_config.json"))?;
         let raw_index: serde_json::Value =
             serde_json::from_str(&std::fs::read_to_string(dir.join("model_index.json"))?)?;
-        let force_zeros_for_empty_prompt =
-            raw_index.get("force_zeros_for_empty_prompt").and_then(|v| v.as_bool()).unwrap_or(family == Family::Sdxl);
+        let force_zeros_for_empty_prompt = raw_index
+            .get("force_zeros_for_empty_prompt")
+            .and_then(|v| v.as_bool())
+            .unwrap_or(family == Family::Sdxl);
         let name = model_name(dir);
         let turbo = name.to_ascii_lowercase().contains("turbo");
         Ok(Self {
@@ -170,7 +187,9 @@ impl Pipeline {
         let sample = |i: usize| -> usize {
             match &self.unet.config().sample_size {
                 Some(serde_json::Value::Number(n)) => n.as_u64().unwrap_or(64) as usize,
-                Some(serde_json::Value::Array(a)) => a.get(i).and_then(|v| v.as_u64()).unwrap_or(64) as usize,
+                Some(serde_json::Value::Array(a)) => {
+                    a.get(i).and_then(|v| v.as_u64()).unwrap_or(64) as usize
+                }
                 _ => 64,
             }
         };
@@ -182,24 +201,44 @@ impl Pipeline {
             height,
             steps,
             guidance_scale,
-            sampler: if self.turbo { SamplerKind::EulerAncestral } else { SamplerKind::Euler },
+            sampler: if self.turbo {
+                SamplerKind::EulerAncestral
+            } else {
+                SamplerKind::Euler
+            },
         }
     }
 
     /// Words of `prompt` that the (first) tokenizer does not know: they are ignored.
     pub fn unknown_words(&self, prompt: &str) -> Vec<String> {
-        self.text_encoders[0].tokenizer.tokenize(prompt).map(|t| t.unknown_words).unwrap_or_default()
+        self.text_encoders[0]
+            .tokenizer
+            .tokenize(prompt)
+            .map(|t| t.unknown_words)
+            .unwrap_or_default()
     }
 
     /// Encodes `[negative, prompt]` (or just `[prompt]` without guidance) into the U-Net's
     /// context (2 or 1, L, D) and, for SDXL, the pooled text embedding.
-    pub fn encode_prompts(&self, prompt: &str, negative: &str, guidance: bool) -> Result<PromptEmbeds> {
+    pub fn encode_prompts(
+        &self,
+        prompt: &str,
+        negative: &str,
+        guidance: bool,
+    ) -> Result<PromptEmbeds> {
         let zero_uncond = guidance && self.force_zeros_for_empty_prompt && negative.is_empty();
-        let texts: Vec<&str> = if guidance { vec![negative, prompt] } else { vec![prompt] };
+        let texts: Vec<&str> = if guidance {
+            vec![negative, prompt]
+        } else {
+            vec![prompt]
+        };
         let mut contexts = Vec::new();
         let mut pooled = None;
         for enc in &self.text_encoders {
-            let mut tokens = texts.iter().map(|t| enc.tokenizer.tokenize(t)).collect::<Result<Vec<_>>>()?;
+            let mut tokens = texts
+                .iter()
+                .map(|t| enc.tokenizer.tokenize(t))
+                .collect::<Result<Vec<_>>>()?;
             enc.tokenizer.equalize_chunks(&mut tokens);
             let ids = ids_tensor(&tokens, &self.device)?;
             let embeds = enc.model.encode(&ids, enc.layer)?;
@@ -218,7 +257,11 @@ impl Pipeline {
     }
 
     /// Runs a request with noise from its seeds (image i of the batch uses `seeds[i]`).
-    pub fn generate(&self, req: &GenerateRequest, progress: &mut dyn FnMut(usize, usize)) -> Result<GenerateOutput> {
+    pub fn generate(
+        &self,
+        req: &GenerateRequest,
+        progress: &mut dyn FnMut(usize, usize),
+    ) -> Result<GenerateOutput> {
         let mut noise = SeededNoise::per_sample(&req.seeds);
         self.generate_with_noise(req, &mut noise, progress)
     }
@@ -236,9 +279,13 @@ impl Pipeline {
         let x0_strips = if x0_frames.is_empty() {
             Vec::new()
         } else {
-            let frames: Vec<Vec<image::RgbImage>> =
-                x0_frames.iter().map(|x0| tensor_to_images(&self.decode(x0)?)).collect::<Result<_>>()?;
-            (0..req.seeds.len()).map(|b| hstack(frames.iter().map(|f| &f[b]))).collect()
+            let frames: Vec<Vec<image::RgbImage>> = x0_frames
+                .iter()
+                .map(|x0| tensor_to_images(&self.decode(x0)?))
+                .collect::<Result<_>>()?;
+            (0..req.seeds.len())
+                .map(|b| hstack(frames.iter().map(|f| &f[b])))
+                .collect()
         };
         Ok(GenerateOutput { images, x0_strips })
     }
@@ -253,14 +300,23 @@ impl Pipeline {
     ) -> Result<(Tensor, Vec<Tensor>)> {
         let f = self.vae_scale_factor();
         if req.width % f != 0 || req.height % f != 0 {
-            bail!("size {}x{} must be a multiple of {f}", req.width, req.height);
+            bail!(
+                "size {}x{} must be a multiple of {f}",
+                req.width,
+                req.height
+            );
         }
         let batch = req.seeds.len();
         let guidance = req.guidance_scale > 1.0;
         let embeds = self.encode_prompts(req.prompt, req.negative_prompt, guidance)?;
         let mut sampler = build_sampler(req.sampler, &self.scheduler, req.steps)?;
         let timesteps = sampler.timesteps().to_vec();
-        let shape = [batch, self.unet.config().in_channels, req.height / f, req.width / f];
+        let shape = [
+            batch,
+            self.unet.config().in_channels,
+            req.height / f,
+            req.width / f,
+        ];
 
         let (mut latents, start) = match req.init_image {
             None => {
@@ -270,10 +326,17 @@ impl Pipeline {
             Some(image) => {
                 let start = img2img_start_index(req.steps, req.strength);
                 if start >= req.steps {
-                    bail!("--strength {} leaves no denoising steps out of {}", req.strength, req.steps);
+                    bail!(
+                        "--strength {} leaves no denoising steps out of {}",
+                        req.strength,
+                        req.steps
+                    );
                 }
-                let image = resize_image_tensor(image, req.width, req.height)?.to_device(&self.device)?;
-                let z0 = self.vae.latents_from_image(&image.to_dtype(self.vae_dtype())?, None)?;
+                let image =
+                    resize_image_tensor(image, req.width, req.height)?.to_device(&self.device)?;
+                let z0 = self
+                    .vae
+                    .latents_from_image(&image.to_dtype(self.vae_dtype())?, None)?;
                 let z0 = z0.to_dtype(DType::F32)?.repeat((batch, 1, 1, 1))?;
                 let eps = noise.sample(&shape, DType::F32, &self.device)?;
                 (sampler.add_noise(&z0, &eps, start)?, start)
@@ -287,7 +350,14 @@ impl Pipeline {
             Family::Sdxl => Some(SdxlAddedCond {
                 text_embeds: repeat_groups(&embeds.pooled, batch)?,
                 time_ids: Tensor::new(
-                    &[req.height as f32, req.width as f32, 0., 0., req.height as f32, req.width as f32],
+                    &[
+                        req.height as f32,
+                        req.width as f32,
+                        0.,
+                        0.,
+                        req.height as f32,
+                        req.width as f32,
+                    ],
                     &self.device,
                 )?
                 .reshape((1, 6))?
@@ -300,9 +370,18 @@ impl Pipeline {
         let total = timesteps.len() - start;
         for (i, &t) in timesteps.iter().enumerate().skip(start) {
             let model_in = sampler.scale_model_input(&latents, i)?;
-            let model_in = if guidance { Tensor::cat(&[&model_in, &model_in], 0)? } else { model_in };
+            let model_in = if guidance {
+                Tensor::cat(&[&model_in, &model_in], 0)?
+            } else {
+                model_in
+            };
             let t_batch = Tensor::full(t as f32, groups * batch, &self.device)?;
-            let out = self.unet.forward(&model_in.to_dtype(self.dtype)?, &t_batch, &context, added.as_ref())?;
+            let out = self.unet.forward(
+                &model_in.to_dtype(self.dtype)?,
+                &t_batch,
+                &context,
+                added.as_ref(),
+            )?;
             let out = out.to_dtype(DType::F32)?;
             let eps = if guidance {
                 let uncond = out.narrow(0, 0, batch)?;
@@ -333,7 +412,9 @@ impl Pipeline {
 
     /// Latents -> images in [-1, 1], (B, 3, H, W), f32.
     pub fn decode(&self, latents: &Tensor) -> Result<Tensor> {
-        let images = self.vae.image_from_latents(&latents.to_dtype(self.vae_dtype())?)?;
+        let images = self
+            .vae
+            .image_from_latents(&latents.to_dtype(self.vae_dtype())?)?;
         Ok(images.to_dtype(DType::F32)?)
     }
 }
@@ -351,13 +432,21 @@ fn repeat_groups(x: &Tensor, batch: usize) -> Result<Tensor> {
 
 fn model_name(dir: &Path) -> String {
     // A hub snapshot lives at .../models--owner--name/snapshots/<rev>: name it owner/name.
-    let parts: Vec<String> = dir.components().map(|c| c.as_os_str().to_string_lossy().into_owned()).collect();
+    let parts: Vec<String> = dir
+        .components()
+        .map(|c| c.as_os_str().to_string_lossy().into_owned())
+        .collect();
     if let Some(pos) = parts.iter().rposition(|p| p == "snapshots") {
-        if let Some(repo) = pos.checked_sub(1).and_then(|i| parts[i].strip_prefix("models--")) {
+        if let Some(repo) = pos
+            .checked_sub(1)
+            .and_then(|i| parts[i].strip_prefix("models--"))
+        {
             return repo.replacen("--", "/", 1);
         }
     }
-    dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| dir.display().to_string())
+    dir.file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| dir.display().to_string())
 }
 
 /// Reads an image file as a (1, 3, H, W) f32 tensor in [-1, 1] on the CPU.
@@ -366,8 +455,16 @@ pub fn load_image(path: &Path) -> Result<Tensor> {
         .with_context(|| format!("{} is not a readable image", path.display()))?
         .to_rgb8();
     let (w, h) = img.dimensions();
-    let data: Vec<f32> = img.into_raw().iter().map(|&v| v as f32 / 127.5 - 1.0).collect();
-    Ok(Tensor::from_vec(data, (1, h as usize, w as usize, 3), &Device::Cpu)?.permute((0, 3, 1, 2))?.contiguous()?)
+    let data: Vec<f32> = img
+        .into_raw()
+        .iter()
+        .map(|&v| v as f32 / 127.5 - 1.0)
+        .collect();
+    Ok(
+        Tensor::from_vec(data, (1, h as usize, w as usize, 3), &Device::Cpu)?
+            .permute((0, 3, 1, 2))?
+            .contiguous()?,
+    )
 }
 
 /// Resizes a (1, 3, H, W) image tensor with a Lanczos filter when its size differs.
@@ -377,9 +474,20 @@ fn resize_image_tensor(image: &Tensor, width: usize, height: usize) -> Result<Te
         return Ok(image.clone());
     }
     let rgb = tensor_to_images(image)?.remove(0);
-    let resized = image::imageops::resize(&rgb, width as u32, height as u32, image::imageops::FilterType::Lanczos3);
-    let data: Vec<f32> = resized.into_raw().iter().map(|&v| v as f32 / 127.5 - 1.0).collect();
-    Ok(Tensor::from_vec(data, (1, height, width, 3), &Device::Cpu)?.permute((0, 3, 1, 2))?.contiguous()?)
+    let resized = image::imageops::resize(
+        &rgb,
+        width as u32,
+        height as u32,
+        image::imageops::FilterType::Lanczos3,
+    );
+    let data: Vec<f32> = resized
+        .into_raw()
+        .iter()
+        .map(|&v| v as f32 / 127.5 - 1.0)
+        .collect();
+    Ok(Tensor::from_vec(data, (1, height, width, 3), &Device::Cpu)?
+        .permute((0, 3, 1, 2))?
+        .contiguous()?)
 }
 
 /// (B, 3, H, W) in [-1, 1] -> 8-bit RGB images, rounding as diffusers' `numpy_to_pil`
@@ -390,20 +498,40 @@ pub fn tensor_to_images(x: &Tensor) -> Result<Vec<image::RgbImage>> {
         bail!("expected 3 image channels, got {c}");
     }
     let x = ((x.to_dtype(DType::F32)? / 2.0)? + 0.5)?.clamp(0f32, 1f32)?;
-    let x = (x * 255.0)?.round()?.permute((0, 2, 3, 1))?.to_device(&Device::Cpu)?.contiguous()?;
-    let data: Vec<u8> = x.flatten_all()?.to_vec1::<f32>()?.into_iter().map(|v| v as u8).collect();
+    let x = (x * 255.0)?
+        .round()?
+        .permute((0, 2, 3, 1))?
+        .to_device(&Device::Cpu)?
+        .contiguous()?;
+    let data: Vec<u8> = x
+        .flatten_all()?
+        .to_vec1::<f32>()?
+        .into_iter()
+        .map(|v| v as u8)
+        .collect();
     let per = h * w * 3;
     Ok((0..b)
-        .map(|i| image::RgbImage::from_raw(w as u32, h as u32, data[i * per..(i + 1) * per].to_vec()).unwrap())
+        .map(|i| {
+            image::RgbImage::from_raw(w as u32, h as u32, data[i * per..(i + 1) * per].to_vec())
+                .unwrap()
+        })
         .collect())
 }
 
 fn hstack<'a>(frames: impl Iterator<Item = &'a image::RgbImage>) -> image::RgbImage {
-    let frames: Vec<&image::RgbImage> = frames.collect();
-    let (w, h) = frames[0].dimensions();
-    let mut out = image::RgbImage::new(w * frames.len() as u32, h);
-    for (i, f) in frames.iter().enumerate() {
-        image::imageops::replace(&mut out, *f, (i as u32 * w) as i64, 0);
+    let frames: Vec<image::RgbImage> = frames.cloned().collect();
+    image_grid(&frames, frames.len())
+}
+
+/// Lays images out left to right, `cols` per row (all images the size of the first).
+pub fn image_grid(images: &[image::RgbImage], cols: usize) -> image::RgbImage {
+    let (w, h) = images[0].dimensions();
+    let cols = cols.clamp(1, images.len()) as u32;
+    let rows = (images.len() as u32).div_ceil(cols);
+    let mut out = image::RgbImage::new(w * cols, h * rows);
+    for (i, img) in images.iter().enumerate() {
+        let (c, r) = (i as u32 % cols, i as u32 / cols);
+        image::imageops::replace(&mut out, img, (c * w) as i64, (r * h) as i64);
     }
     out
 }

@@ -7,11 +7,22 @@ use sd_rs::sampler::{ReplayNoise, SamplerKind};
 use std::path::Path;
 
 fn fixture(name: &str) -> std::path::PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/pipeline").join(name)
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/pipeline")
+        .join(name)
 }
 
 fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
-    (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap()
+    (a - b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
 }
 
 fn check_family(name: &str) {
@@ -39,12 +50,28 @@ fn check_family(name: &str) {
         let mut noise = ReplayNoise::new([expected["initial_latents"].clone()]);
         let (latents, _) = pipeline.denoise(&req, &mut noise, &mut |_, _| {}).unwrap();
         let want = &expected[&format!("{sampler}_latents")];
-        let scale = want.abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
+        let scale = want
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
         let diff = max_abs_diff(&latents, want);
-        println!("{name} {sampler}: final latents max abs diff {diff:.2e} (max |latent| {scale:.2})");
-        assert!(diff <= 1e-4 * scale.max(1.0), "{name} {sampler}: latents differ by {diff}");
+        println!(
+            "{name} {sampler}: final latents max abs diff {diff:.2e} (max |latent| {scale:.2})"
+        );
+        assert!(
+            diff <= 1e-4 * scale.max(1.0),
+            "{name} {sampler}: latents differ by {diff}"
+        );
 
-        let image = ((pipeline.decode(&latents).unwrap() / 2.0).unwrap() + 0.5).unwrap().clamp(0f32, 1f32).unwrap();
+        let image = ((pipeline.decode(&latents).unwrap() / 2.0).unwrap() + 0.5)
+            .unwrap()
+            .clamp(0f32, 1f32)
+            .unwrap();
         let diff = max_abs_diff(&image, &expected[&format!("{sampler}_image")]);
         println!("{name} {sampler}: decoded image max abs diff {diff:.2e}");
         assert!(diff <= 1e-4, "{name} {sampler}: images differ by {diff}");

@@ -472,7 +472,11 @@ pub fn run(args: GenerateArgs) -> Result<()> {
                 bar.println(format!(
                     "warning: {}: the model does not know {}; generating without them",
                     job.origin,
-                    unknown.iter().map(|w| format!("{w:?}")).collect::<Vec<_>>().join(", ")
+                    unknown
+                        .iter()
+                        .map(|w| format!("{w:?}"))
+                        .collect::<Vec<_>>()
+                        .join(", ")
                 ));
             }
         }

@@ -6,6 +6,7 @@ pub mod generate;
 pub mod info;
 pub mod noise_strip;
 pub mod train;
+pub mod train_common;
 pub mod train_vae;
 
 #[derive(Parser, Debug)]

@@ -50,7 +50,10 @@ pub fn read_captions(source: &Path) -> Result<CaptionSet> {
         return read_jsonl(source);
     }
     if !source.is_dir() {
-        bail!("{} does not exist: pass a captions .jsonl file or a folder of images", source.display());
+        bail!(
+            "{} does not exist: pass a captions .jsonl file or a folder of images",
+            source.display()
+        );
     }
     let metadata = source.join("metadata.jsonl");
     if metadata.is_file() {
@@ -76,11 +79,16 @@ fn read_jsonl(path: &Path) -> Result<CaptionSet> {
         if raw.trim().is_empty() {
             continue;
         }
-        let problem = |message: String| DatasetProblem { file: path.to_path_buf(), line: i + 1, message };
+        let problem = |message: String| DatasetProblem {
+            file: path.to_path_buf(),
+            line: i + 1,
+            message,
+        };
         let line: Line = match serde_json::from_str(raw) {
             Ok(l) => l,
             Err(e) => {
-                set.problems.push(problem(format!("not a JSON object: {e}")));
+                set.problems
+                    .push(problem(format!("not a JSON object: {e}")));
                 continue;
             }
         };
@@ -92,10 +100,14 @@ fn read_jsonl(path: &Path) -> Result<CaptionSet> {
         };
         let image = base.join(&file_name);
         if !image.is_file() {
-            set.problems.push(problem(format!("image {} not found", image.display())));
+            set.problems
+                .push(problem(format!("image {} not found", image.display())));
             continue;
         }
-        set.items.push(CaptionedImage { path: image, caption: text });
+        set.items.push(CaptionedImage {
+            path: image,
+            caption: text,
+        });
     }
     Ok(set)
 }
@@ -111,7 +123,10 @@ fn read_sidecar_folder(dir: &Path) -> Result<CaptionSet> {
     for image in images {
         let txt = image.with_extension("txt");
         match std::fs::read_to_string(&txt) {
-            Ok(caption) => set.items.push(CaptionedImage { path: image, caption: caption.trim().to_string() }),
+            Ok(caption) => set.items.push(CaptionedImage {
+                path: image,
+                caption: caption.trim().to_string(),
+            }),
             Err(_) => set.problems.push(DatasetProblem {
                 file: image.clone(),
                 line: 0,
@@ -173,7 +188,13 @@ mod tests {
         std::fs::write(dir.join("1.txt"), "a cat\n").unwrap();
         std::fs::write(dir.join("2.JPG"), b"x").unwrap();
         let set = read_captions(&dir).unwrap();
-        assert_eq!(set.items, vec![CaptionedImage { path: dir.join("1.png"), caption: "a cat".into() }]);
+        assert_eq!(
+            set.items,
+            vec![CaptionedImage {
+                path: dir.join("1.png"),
+                caption: "a cat".into()
+            }]
+        );
         assert_eq!(set.problems.len(), 1);
         assert!(read_captions(&dir.join("nope")).is_err());
         std::fs::remove_dir_all(dir).unwrap();

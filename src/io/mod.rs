@@ -36,7 +36,10 @@ pub fn with_atomic_file<T>(path: &Path, write: impl FnOnce(&Path) -> Result<T>) 
 }
 
 fn temp_path_for(path: &Path) -> PathBuf {
-    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
     // The pid keeps two processes writing the same output from sharing one temp file.
     path.with_file_name(format!(".{name}.{}.tmp", std::process::id()))
 }

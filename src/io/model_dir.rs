@@ -24,14 +24,20 @@ impl ModelIndex {
     pub fn read(dir: &Path) -> Result<Self> {
         let path = dir.join("model_index.json");
         let text = std::fs::read_to_string(&path).with_context(|| {
-            format!("{} is not a diffusers model directory: {} is missing", dir.display(), path.display())
+            format!(
+                "{} is not a diffusers model directory: {} is missing",
+                dir.display(),
+                path.display()
+            )
         })?;
         Self::parse(&text).with_context(|| format!("reading {}", path.display()))
     }
 
     pub fn parse(text: &str) -> Result<Self> {
         let json: Value = serde_json::from_str(text)?;
-        let obj = json.as_object().context("model_index.json is not a JSON object")?;
+        let obj = json
+            .as_object()
+            .context("model_index.json is not a JSON object")?;
         let class_name = obj
             .get("_class_name")
             .and_then(Value::as_str)
@@ -46,7 +52,10 @@ impl ModelIndex {
                 components.insert(name.clone(), (lib.clone(), class.clone()));
             }
         }
-        Ok(Self { class_name, components })
+        Ok(Self {
+            class_name,
+            components,
+        })
     }
 
     pub fn has(&self, component: &str) -> bool {
@@ -80,7 +89,9 @@ impl ModelSource {
 /// Resolves `--model` (or the default model when `None`) to a local diffusers directory.
 /// `prefer_variant` (e.g. "fp16") picks `*.fp16.safetensors` files when a repo has them.
 pub fn resolve_model(spec: Option<&str>, prefer_variant: Option<&str>) -> Result<PathBuf> {
-    let Some(spec) = spec else { return default_model_dir() };
+    let Some(spec) = spec else {
+        return default_model_dir();
+    };
     match ModelSource::parse(spec) {
         ModelSource::Local(dir) => {
             if !dir.join("model_index.json").is_file() {
@@ -109,7 +120,11 @@ pub fn default_model_dir() -> Result<PathBuf> {
             candidates.push(ancestor.join("models").join(DEFAULT_MODEL_NAME));
         }
     }
-    candidates.push(Path::new(env!("CARGO_MANIFEST_DIR")).join("models").join(DEFAULT_MODEL_NAME));
+    candidates.push(
+        Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("models")
+            .join(DEFAULT_MODEL_NAME),
+    );
     for dir in &candidates {
         if dir.join("model_index.json").is_file() {
             return Ok(dir.clone());
@@ -120,7 +135,11 @@ pub fn default_model_dir() -> Result<PathBuf> {
          sd-rs repository under models/{DEFAULT_MODEL_NAME}; run sd-rs from the repository, set \
          SD_RS_DEFAULT_MODEL to its folder, or pass --model with a diffusers model folder or a \
          Hugging Face repo id",
-        candidates.iter().map(|c| c.display().to_string()).collect::<Vec<_>>().join(", ")
+        candidates
+            .iter()
+            .map(|c| c.display().to_string())
+            .collect::<Vec<_>>()
+            .join(", ")
     )
 }
 
@@ -145,11 +164,17 @@ fn component_files(component: &str, siblings: &[String], variant: Option<&str>) 
         return vec![in_dir("scheduler_config.json")];
     }
     if component.starts_with("tokenizer") {
-        return ["tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt"]
-            .iter()
-            .map(|f| in_dir(f))
-            .filter(|f| has(f))
-            .collect();
+        return [
+            "tokenizer.json",
+            "tokenizer_config.json",
+            "special_tokens_map.json",
+            "vocab.json",
+            "merges.txt",
+        ]
+        .iter()
+        .map(|f| in_dir(f))
+        .filter(|f| has(f))
+        .collect();
     }
     let mut files = vec![in_dir("config.json")];
     let stems = ["diffusion_pytorch_model", "model"];
@@ -164,8 +189,11 @@ fn component_files(component: &str, siblings: &[String], variant: Option<&str>) 
             weights = Some(vec![plain]);
         } else if has(&index) {
             let prefix = in_dir(&format!("{stem}-"));
-            let mut shards: Vec<String> =
-                siblings.iter().filter(|s| s.starts_with(&prefix) && s.ends_with(".safetensors")).cloned().collect();
+            let mut shards: Vec<String> = siblings
+                .iter()
+                .filter(|s| s.starts_with(&prefix) && s.ends_with(".safetensors"))
+                .cloned()
+                .collect();
             shards.push(index);
             weights = Some(shards);
         }
@@ -191,17 +219,20 @@ fn fetch_from_hub(repo: &str, variant: Option<&str>) -> Result<PathBuf> {
         Ok(info) => info,
         Err(err) => {
             // No network: fall back to what the cache has, with the clear error if incomplete.
-            return cached_snapshot(repo, &cache).with_context(|| format!("the Hub could not be reached ({err})"));
+            return cached_snapshot(repo, &cache)
+                .with_context(|| format!("the Hub could not be reached ({err})"));
         }
     };
     let siblings: Vec<String> = info.siblings.into_iter().map(|s| s.rfilename).collect();
-    let index_path = api_repo
-        .get("model_index.json")
-        .with_context(|| format!("{repo} has no model_index.json: is it a diffusers pipeline repo?"))?;
+    let index_path = api_repo.get("model_index.json").with_context(|| {
+        format!("{repo} has no model_index.json: is it a diffusers pipeline repo?")
+    })?;
     let index = ModelIndex::read(index_path.parent().unwrap())?;
     for component in index.components.keys() {
         for file in component_files(component, &siblings, variant) {
-            api_repo.get(&file).with_context(|| format!("downloading {file} from {repo}"))?;
+            api_repo
+                .get(&file)
+                .with_context(|| format!("downloading {file} from {repo}"))?;
         }
     }
     Ok(index_path.parent().unwrap().to_path_buf())
@@ -209,7 +240,9 @@ fn fetch_from_hub(repo: &str, variant: Option<&str>) -> Result<PathBuf> {
 
 /// Without a network, the cache must already hold the model.
 fn cached_snapshot(repo: &str, cache: &hf_hub::CacheRepo) -> Result<PathBuf> {
-    let where_to = hub_cache().path().join(format!("models--{}", repo.replace('/', "--")));
+    let where_to = hub_cache()
+        .path()
+        .join(format!("models--{}", repo.replace('/', "--")));
     let Some(index_path) = cache.get("model_index.json") else {
         bail!(
             "{repo} is not in the Hugging Face cache and the Hub cannot be used (offline). \
@@ -251,15 +284,27 @@ mod tests {
         )
         .unwrap();
         assert_eq!(index.class_name, "StableDiffusionPipeline");
-        assert_eq!(index.components.keys().collect::<Vec<_>>(), vec!["tokenizer", "unet"]);
+        assert_eq!(
+            index.components.keys().collect::<Vec<_>>(),
+            vec!["tokenizer", "unet"]
+        );
         assert!(!index.has("safety_checker"));
     }
 
     #[test]
     fn sources_and_component_files() {
-        assert_eq!(ModelSource::parse("org/name"), ModelSource::Hub("org/name".into()));
-        assert_eq!(ModelSource::parse("./org/name"), ModelSource::Local("./org/name".into()));
-        assert_eq!(ModelSource::parse("models"), ModelSource::Local("models".into()));
+        assert_eq!(
+            ModelSource::parse("org/name"),
+            ModelSource::Hub("org/name".into())
+        );
+        assert_eq!(
+            ModelSource::parse("./org/name"),
+            ModelSource::Local("./org/name".into())
+        );
+        assert_eq!(
+            ModelSource::parse("models"),
+            ModelSource::Local("models".into())
+        );
         let siblings: Vec<String> = [
             "unet/config.json",
             "unet/diffusion_pytorch_model.safetensors",
@@ -273,25 +318,39 @@ mod tests {
         .collect();
         assert_eq!(
             component_files("unet", &siblings, Some("fp16")),
-            vec!["unet/config.json", "unet/diffusion_pytorch_model.fp16.safetensors"]
+            vec![
+                "unet/config.json",
+                "unet/diffusion_pytorch_model.fp16.safetensors"
+            ]
         );
         assert_eq!(
             component_files("unet", &siblings, None),
-            vec!["unet/config.json", "unet/diffusion_pytorch_model.safetensors"]
+            vec![
+                "unet/config.json",
+                "unet/diffusion_pytorch_model.safetensors"
+            ]
         );
         assert_eq!(
             component_files("text_encoder", &siblings, Some("fp16")),
             vec!["text_encoder/config.json", "text_encoder/model.safetensors"]
         );
-        assert_eq!(component_files("tokenizer", &siblings, None), vec!["tokenizer/vocab.json", "tokenizer/merges.txt"]);
+        assert_eq!(
+            component_files("tokenizer", &siblings, None),
+            vec!["tokenizer/vocab.json", "tokenizer/merges.txt"]
+        );
     }
 
     #[test]
     fn offline_without_cache_names_what_to_download() {
         let cache_dir = std::env::temp_dir().join(format!("sdrs-hfcache-{}", std::process::id()));
         let cache = hf_hub::Cache::new(cache_dir.clone()).model("org/missing".into());
-        let err = cached_snapshot("org/missing", &cache).unwrap_err().to_string();
-        assert!(err.contains("org/missing is not in the Hugging Face cache"), "{err}");
+        let err = cached_snapshot("org/missing", &cache)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("org/missing is not in the Hugging Face cache"),
+            "{err}"
+        );
         assert!(err.contains("model_index.json"), "{err}");
     }
 }

@@ -44,7 +44,10 @@ impl GenerationParams {
             ("Sampler".to_string(), self.sampler.clone()),
             ("CFG scale".to_string(), format_number(self.cfg_scale)),
             ("Seed".to_string(), self.seed.to_string()),
-            ("Size".to_string(), format!("{}x{}", self.width, self.height)),
+            (
+                "Size".to_string(),
+                format!("{}x{}", self.width, self.height),
+            ),
         ];
         if let Some(model) = &self.model {
             fields.push(("Model".to_string(), model.clone()));
@@ -53,8 +56,10 @@ impl GenerationParams {
             fields.push(("Denoising strength".to_string(), format_number(strength)));
         }
         fields.extend(self.extra.iter().cloned());
-        let line: Vec<String> =
-            fields.iter().map(|(k, v)| format!("{k}: {}", quote_if_needed(v))).collect();
+        let line: Vec<String> = fields
+            .iter()
+            .map(|(k, v)| format!("{k}: {}", quote_if_needed(v)))
+            .collect();
         write!(s, "\n{}", line.join(", ")).unwrap();
         s
     }
@@ -96,7 +101,9 @@ impl GenerationParams {
             match key.as_str() {
                 "Steps" => params.steps = value.parse().with_context(|| bad("Steps"))?,
                 "Sampler" => params.sampler = value,
-                "CFG scale" => params.cfg_scale = value.parse().with_context(|| bad("CFG scale"))?,
+                "CFG scale" => {
+                    params.cfg_scale = value.parse().with_context(|| bad("CFG scale"))?
+                }
                 "Seed" => params.seed = value.parse().with_context(|| bad("Seed"))?,
                 "Size" => {
                     let (w, h) = value.split_once('x').with_context(|| bad("Size"))?;
@@ -177,7 +184,10 @@ fn json_string_end(s: &str) -> Option<usize> {
 /// Encodes an RGB8 image as PNG bytes with the `parameters` text chunk.
 pub fn encode_png(rgb: &[u8], width: u32, height: u32, parameters: &str) -> Result<Vec<u8>> {
     if rgb.len() != (width * height * 3) as usize {
-        bail!("image buffer has {} bytes, expected {width}x{height}x3", rgb.len());
+        bail!(
+            "image buffer has {} bytes, expected {width}x{height}x3",
+            rgb.len()
+        );
     }
     let mut bytes = Vec::new();
     {

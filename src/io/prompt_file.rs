@@ -68,7 +68,10 @@ pub fn parse_prompt_lines(text: &str) -> Vec<std::result::Result<PromptJob, Line
         .map(|(i, l)| {
             parse_line(l.trim())
                 .map(|job| PromptJob { line: i + 1, ..job })
-                .map_err(|e| LineError { line: i + 1, message: format!("{e:#}") })
+                .map_err(|e| LineError {
+                    line: i + 1,
+                    message: format!("{e:#}"),
+                })
         })
         .collect()
 }
@@ -79,12 +82,19 @@ fn parse_line(line: &str) -> Result<PromptJob> {
     } else if line.starts_with("--") {
         parse_options(line)?
     } else {
-        PromptJob { prompt: line.to_string(), ..Default::default() }
+        PromptJob {
+            prompt: line.to_string(),
+            ..Default::default()
+        }
     };
     if job.prompt.trim().is_empty() {
         bail!("the line has no prompt");
     }
-    for (name, value) in [("steps", job.steps), ("width", job.width), ("height", job.height)] {
+    for (name, value) in [
+        ("steps", job.steps),
+        ("width", job.width),
+        ("height", job.height),
+    ] {
         if value == Some(0) {
             bail!("--{name} must be positive");
         }
@@ -100,9 +110,12 @@ fn parse_options(line: &str) -> Result<PromptJob> {
         let Some(name) = flag.strip_prefix("--") else {
             bail!("expected an option like --prompt, found {flag:?}");
         };
-        let value = words.next().with_context(|| format!("--{name} needs a value"))?;
+        let value = words
+            .next()
+            .with_context(|| format!("--{name} needs a value"))?;
         let number = |v: &str| -> Result<f64> {
-            v.parse::<f64>().with_context(|| format!("--{name}: {v:?} is not a number"))
+            v.parse::<f64>()
+                .with_context(|| format!("--{name}: {v:?} is not a number"))
         };
         let count = |v: &str| -> Result<usize> {
             v.parse::<usize>()
@@ -112,7 +125,11 @@ fn parse_options(line: &str) -> Result<PromptJob> {
             "prompt" => job.prompt = value,
             "negative_prompt" => job.negative_prompt = Some(value),
             "seed" => {
-                job.seed = Some(value.parse().with_context(|| format!("--seed: {value:?}"))?)
+                job.seed = Some(
+                    value
+                        .parse()
+                        .with_context(|| format!("--seed: {value:?}"))?,
+                )
             }
             "steps" => job.steps = Some(count(&value)?),
             "cfg_scale" => job.cfg_scale = Some(number(&value)?),
@@ -158,18 +175,34 @@ mod tests {
                     --seed 5 --steps 12 --cfg_scale 6.5 --width 256 --height 128 \
                     --sampler_name \"Euler a\" --batch_size 2 --n_iter 3\n\
                     {\"prompt\": \"a bird\", \"seed\": -1, \"guidance_scale\": 3}\n";
-        let jobs: Vec<_> = parse_prompt_lines(text).into_iter().map(|j| j.unwrap()).collect();
+        let jobs: Vec<_> = parse_prompt_lines(text)
+            .into_iter()
+            .map(|j| j.unwrap())
+            .collect();
         assert_eq!(jobs.len(), 3);
-        assert_eq!(jobs[0], PromptJob { line: 1, prompt: "a cat".into(), ..Default::default() });
+        assert_eq!(
+            jobs[0],
+            PromptJob {
+                line: 1,
+                prompt: "a cat".into(),
+                ..Default::default()
+            }
+        );
         let j = &jobs[1];
         assert_eq!(j.line, 4);
         assert_eq!(j.prompt, "a dog, running");
         assert_eq!(j.negative_prompt.as_deref(), Some("blurry"));
-        assert_eq!((j.seed, j.steps, j.cfg_scale), (Some(5), Some(12), Some(6.5)));
+        assert_eq!(
+            (j.seed, j.steps, j.cfg_scale),
+            (Some(5), Some(12), Some(6.5))
+        );
         assert_eq!((j.width, j.height), (Some(256), Some(128)));
         assert_eq!(j.sampler_name.as_deref(), Some("Euler a"));
         assert_eq!(j.num_images(1), 6);
-        assert_eq!((jobs[2].line, jobs[2].seed, jobs[2].cfg_scale), (5, Some(-1), Some(3.0)));
+        assert_eq!(
+            (jobs[2].line, jobs[2].seed, jobs[2].cfg_scale),
+            (5, Some(-1), Some(3.0))
+        );
     }
 
     #[test]
@@ -177,10 +210,20 @@ mod tests {
         let text = "ok prompt\n--prompt x --steps ten\n--bogus 1\n{\"prompt\": 1}\n--prompt \"x\n";
         let results = parse_prompt_lines(text);
         assert!(results[0].is_ok());
-        let errs: Vec<_> = results[1..].iter().map(|r| r.clone().unwrap_err()).collect();
-        assert_eq!(errs.iter().map(|e| e.line).collect::<Vec<_>>(), vec![2, 3, 4, 5]);
+        let errs: Vec<_> = results[1..]
+            .iter()
+            .map(|r| r.clone().unwrap_err())
+            .collect();
+        assert_eq!(
+            errs.iter().map(|e| e.line).collect::<Vec<_>>(),
+            vec![2, 3, 4, 5]
+        );
         assert!(errs[0].message.contains("--steps"), "{}", errs[0].message);
-        assert!(errs[1].message.contains("unknown option --bogus"), "{}", errs[1].message);
+        assert!(
+            errs[1].message.contains("unknown option --bogus"),
+            "{}",
+            errs[1].message
+        );
         assert!(errs[2].message.contains("JSON"), "{}", errs[2].message);
         assert!(errs[3].message.contains("quotes"), "{}", errs[3].message);
     }

@@ -1,0 +1,388 @@
+//! What `train` and `train-vae` share: the optimisation settings of a config file, and a
+//! `Run` that owns the boring parts of a training loop (progress bar, metrics log,
+//! checkpoints, resume, NaN guard), so each loop file shows only its objective.
+use crate::io::captions::{read_captions, CaptionedImage};
+use crate::train::checkpoint::{CheckpointParts, Checkpoints, RngState, TrainState};
+use crate::train::data::DataPosition;
+use crate::train::ema::{Ema, EmaConfig};
+use crate::train::lr::{LrSchedule, LrScheduleKind};
+use crate::train::metrics::{check_finite, unix_time, MetricsLog, MetricsRecord, SmoothedLoss};
+use crate::train::optim::{clip_grad_norm, AdamW, AdamWConfig, GradAccumulator, ParamGrads};
+use anyhow::{bail, Context, Result};
+use candle_nn::VarMap;
+use indicatif::{ProgressBar, ProgressStyle};
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+/// `[train]` in a training config: how to optimise.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct OptimOptions {
+    pub steps: u64,
+    pub batch_size: usize,
+    pub learning_rate: f64,
+    pub lr_schedule: LrScheduleKind,
+    pub warmup_steps: u64,
+    pub min_lr_ratio: f64,
+    pub weight_decay: f64,
+    /// Clip the global gradient norm to this (0: no clipping).
+    pub grad_clip: f64,
+    /// Micro-batches per optimizer step.
+    pub grad_accum: usize,
+    /// EMA decay of the weights (0: no EMA); the EMA weights are the output.
+    pub ema_decay: f64,
+    pub seed: u64,
+    pub checkpoint_every: u64,
+    pub keep_checkpoints: usize,
+    /// Validation images every this many steps (0: never).
+    pub validate_every: u64,
+    pub log_every: u64,
+}
+
+impl Default for OptimOptions {
+    fn default() -> Self {
+        Self {
+            steps: 1000,
+            batch_size: 16,
+            learning_rate: 1e-4,
+            lr_schedule: LrScheduleKind::ConstantWithWarmup,
+            warmup_steps: 100,
+            min_lr_ratio: 0.0,
+            weight_decay: 1e-2,
+            grad_clip: 1.0,
+            grad_accum: 1,
+            ema_decay: 0.999,
+            seed: 0,
+            checkpoint_every: 500,
+            keep_checkpoints: 2,
+            validate_every: 500,
+            log_every: 10,
+        }
+    }
+}
+
+impl OptimOptions {
+    pub fn validate(&self) -> Result<()> {
+        if self.steps == 0 || self.batch_size == 0 || self.grad_accum == 0 {
+            bail!("steps, batch_size and grad_accum must be at least 1");
+        }
+        if !(self.learning_rate > 0.0 && self.learning_rate.is_finite()) {
+            bail!(
+                "learning_rate {} must be a positive number",
+                self.learning_rate
+            );
+        }
+        if !(0.0..1.0).contains(&self.ema_decay) {
+            bail!("ema_decay {} must be in [0, 1)", self.ema_decay);
+        }
+        Ok(())
+    }
+}
+
+/// Reads a TOML config into `T`, naming the file on errors.
+pub fn read_toml<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("reading config {}", path.display()))?;
+    toml::from_str(&text)
+        .with_context(|| format!("{} is not a valid training config", path.display()))
+}
+
+/// The dataset's usable items; problems are reported (or fatal with `strict`).
+pub fn load_dataset(source: &Path, strict: bool) -> Result<Vec<CaptionedImage>> {
+    let set = read_captions(source)?;
+    for p in set.problems.iter().take(20) {
+        eprintln!("warning: {p}");
+    }
+    if set.problems.len() > 20 {
+        eprintln!("warning: ... and {} more problems", set.problems.len() - 20);
+    }
+    if strict && !set.problems.is_empty() {
+        bail!(
+            "{} problems in the dataset (strict mode): the first is {}",
+            set.problems.len(),
+            set.problems[0]
+        );
+    }
+    if set.items.is_empty() {
+        bail!(
+            "the dataset {} has no usable images{}",
+            source.display(),
+            if set.problems.is_empty() {
+                String::new()
+            } else {
+                format!(" ({} problems above)", set.problems.len())
+            }
+        );
+    }
+    eprintln!(
+        "dataset: {} images ({} skipped)",
+        set.items.len(),
+        set.problems.len()
+    );
+    Ok(set.items)
+}
+
+/// One training run: optimizer, EMA, RNG, data position and everything around the loop.
+pub struct Run {
+    pub opts: OptimOptions,
+    pub optimizer: AdamW,
+    pub ema: Option<Ema>,
+    pub rng: ChaCha8Rng,
+    pub data: DataPosition,
+    pub step: u64,
+    schedule: LrSchedule,
+    checkpoints: Checkpoints,
+    /// (checkpoint file name, weights) of every model trained.
+    weights: Vec<(String, VarMap)>,
+    config: serde_json::Value,
+    metrics: MetricsLog,
+    smoothed: SmoothedLoss,
+    accumulator: GradAccumulator,
+    bar: ProgressBar,
+    last_log: (Instant, u64),
+}
+
+impl Run {
+    /// Sets up a run writing into `output`; with `resume`, continues from its latest checkpoint.
+    /// `weights` are (name, varmap, parameter prefix) of every trained model.
+    pub fn start(
+        output: &Path,
+        opts: OptimOptions,
+        weights: Vec<(String, VarMap)>,
+        config: serde_json::Value,
+        resume: bool,
+    ) -> Result<Self> {
+        opts.validate()?;
+        let vars = weights
+            .iter()
+            .flat_map(|(name, vm)| crate::train::optim::named_vars(vm, &format!("{name}.")))
+            .collect::<Vec<_>>();
+        let n_params: usize = vars.iter().map(|(_, v)| v.elem_count()).sum();
+        eprintln!(
+            "training {} tensors, {:.2} M parameters",
+            vars.len(),
+            n_params as f64 / 1e6
+        );
+        let adam = AdamWConfig {
+            weight_decay: opts.weight_decay,
+            ..Default::default()
+        };
+        let mut optimizer = AdamW::new(vars.clone(), adam)?;
+        let mut ema = if opts.ema_decay > 0.0 {
+            Some(Ema::new(
+                &vars,
+                EmaConfig {
+                    max_decay: opts.ema_decay,
+                    ..Default::default()
+                },
+            )?)
+        } else {
+            None
+        };
+        let checkpoints = Checkpoints::new(&output.join("checkpoints"), opts.keep_checkpoints);
+        let mut rng = ChaCha8Rng::seed_from_u64(opts.seed);
+        let mut data = DataPosition::default();
+        let mut step = 0;
+        if resume {
+            let latest = checkpoints.latest()?;
+            for why in &latest.rejected {
+                eprintln!("warning: skipping a damaged checkpoint: {why}");
+            }
+            let Some(ckpt) = latest.found else {
+                bail!(
+                    "--resume: no usable checkpoint in {}",
+                    checkpoints.root().display()
+                );
+            };
+            for (name, vm) in &weights {
+                ckpt.load_weights(name, vm)?;
+            }
+            ckpt.load_optimizer(&mut optimizer)?;
+            if let Some(ema) = ema.as_mut() {
+                ckpt.load_ema(ema)?;
+            }
+            let state = &ckpt.state;
+            if state.config != config {
+                eprintln!("warning: the config differs from the one the run started with; continuing with the new one");
+            }
+            rng = state.rng.restore()?;
+            data = state.data;
+            step = state.step;
+            eprintln!("resumed from {} at step {step}", ckpt.dir.display());
+        } else if checkpoints.list()?.first().is_some() {
+            bail!(
+                "{} already holds checkpoints of a run: pass --resume to continue it, or choose another --output",
+                output.display()
+            );
+        }
+        let schedule = LrSchedule {
+            kind: opts.lr_schedule,
+            base_lr: opts.learning_rate,
+            warmup_steps: opts.warmup_steps,
+            total_steps: opts.steps,
+            min_lr_ratio: opts.min_lr_ratio,
+        };
+        let metrics = MetricsLog::open(&output.join("metrics.jsonl"), resume.then_some(step))?;
+        let bar = ProgressBar::new(opts.steps);
+        bar.set_style(
+            ProgressStyle::with_template(
+                "[{elapsed_precise}] {bar:30} step {pos}/{len} {msg} ETA {eta}",
+            )
+            .unwrap(),
+        );
+        bar.set_position(step);
+        Ok(Self {
+            opts,
+            optimizer,
+            ema,
+            rng,
+            data,
+            step,
+            schedule,
+            checkpoints,
+            weights,
+            config,
+            metrics,
+            smoothed: SmoothedLoss::new(0.98),
+            accumulator: GradAccumulator::new(),
+            bar,
+            last_log: (Instant::now(), step),
+        })
+    }
+
+    pub fn done(&self) -> bool {
+        self.step >= self.opts.steps
+    }
+
+    pub fn println(&self, msg: impl AsRef<str>) {
+        self.bar.println(msg.as_ref());
+    }
+
+    /// Takes the gradients of one micro-batch; after `grad_accum` of them, clips, updates the
+    /// weights and the EMA, logs and checkpoints. Returns true when an optimizer step was made.
+    pub fn micro_step(
+        &mut self,
+        loss: f64,
+        grads: ParamGrads,
+        data_after: DataPosition,
+    ) -> Result<bool> {
+        check_finite(self.step + 1, "loss", loss).context("the last good checkpoint is kept")?;
+        if self.step == 0 && self.accumulator.count() == 0 {
+            let missing = self.optimizer.without_grad(&grads);
+            if !missing.is_empty() {
+                bail!("{} parameters get no gradient (first: {}): an op without backward is on their path", missing.len(), missing[0]);
+            }
+        }
+        self.accumulator.add(grads)?;
+        if self.accumulator.count() < self.opts.grad_accum {
+            return Ok(false);
+        }
+        let mut grads = self.accumulator.finish()?;
+        let grad_norm = if self.opts.grad_clip > 0.0 {
+            clip_grad_norm(&mut grads, self.opts.grad_clip)?
+        } else {
+            crate::train::optim::grad_norm(&grads)?
+        };
+        check_finite(self.step + 1, "gradient norm", grad_norm)
+            .context("the last good checkpoint is kept")?;
+        let lr = self.schedule.lr(self.step);
+        self.optimizer.step(&grads, lr)?;
+        if let Some(ema) = self.ema.as_mut() {
+            let vars: Vec<_> = self
+                .weights
+                .iter()
+                .flat_map(|(name, vm)| crate::train::optim::named_vars(vm, &format!("{name}.")))
+                .collect();
+            ema.update(&vars)?;
+        }
+        self.step += 1;
+        self.data = data_after;
+        let smoothed = self.smoothed.update(loss);
+        self.bar.set_position(self.step);
+        let (t0, s0) = self.last_log;
+        let elapsed = t0.elapsed().as_secs_f64();
+        let samples_per_sec =
+            ((self.step - s0) as usize * self.opts.batch_size * self.opts.grad_accum) as f64
+                / elapsed.max(1e-9);
+        self.bar
+            .set_message(format!("loss {smoothed:.4} ({samples_per_sec:.1} img/s)"));
+        if self.step % self.opts.log_every.max(1) == 0 || self.done() {
+            self.metrics.write(&MetricsRecord {
+                step: self.step,
+                loss,
+                smoothed_loss: smoothed,
+                lr,
+                grad_norm: Some(grad_norm),
+                samples_per_sec,
+                time: unix_time(),
+            })?;
+            self.last_log = (Instant::now(), self.step);
+        }
+        if self.step % self.opts.checkpoint_every.max(1) == 0 || self.done() {
+            self.checkpoint()?;
+        }
+        Ok(true)
+    }
+
+    pub fn checkpoint(&self) -> Result<PathBuf> {
+        let state = TrainState {
+            step: self.step,
+            rng: RngState::capture(&self.rng),
+            data: self.data,
+            config: self.config.clone(),
+        };
+        let weights: Vec<(&str, &VarMap)> =
+            self.weights.iter().map(|(n, v)| (n.as_str(), v)).collect();
+        let parts = CheckpointParts {
+            weights,
+            optimizer: &self.optimizer,
+            ema: self.ema.as_ref(),
+        };
+        self.checkpoints.save(&state, &parts)
+    }
+
+    /// Whether validation images are due after the step just made.
+    pub fn validation_due(&self) -> bool {
+        self.opts.validate_every > 0 && (self.step % self.opts.validate_every == 0 || self.done())
+    }
+
+    /// The weights to publish for model `name`: the EMA ones when there is an EMA.
+    pub fn output_weights(&self, name: &str) -> Result<VarMap> {
+        let (_, vm) = self
+            .weights
+            .iter()
+            .find(|(n, _)| n == name)
+            .context("unknown model")?;
+        let Some(ema) = &self.ema else {
+            return Ok(vm.clone());
+        };
+        let out = VarMap::new();
+        {
+            let src = vm.data().lock().unwrap();
+            let mut dst = out.data().lock().unwrap();
+            for (k, v) in src.iter() {
+                dst.insert(
+                    k.clone(),
+                    candle_core::Var::from_tensor(&v.as_tensor().copy()?)?,
+                );
+            }
+        }
+        let prefix = format!("{name}.");
+        let weights = ema.weights(candle_core::DType::F32)?;
+        let data = out.data().lock().unwrap();
+        for (k, t) in weights {
+            if let Some(var) = k.strip_prefix(&prefix).and_then(|k| data.get(k)) {
+                var.set(&t.to_dtype(var.dtype())?)?;
+            }
+        }
+        drop(data);
+        Ok(out)
+    }
+
+    pub fn finish(&self) {
+        self.bar.finish_and_clear();
+    }
+}

@@ -1,0 +1,679 @@
+//! Building blocks shared by the U-Net and the autoencoder, named exactly like diffusers'
+//! modules so that `VarBuilder` paths are diffusers' checkpoint keys.
+//!
+//! Everything here is written from candle ops that have a backward pass. candle's fused fast
+//! paths (`softmax_last_dim`, `candle_nn::LayerNorm`'s kernel, `ops::layer_norm`) stop gradients
+//! without an error, so they are not used: the same code serves inference and training.
+
+use candle_core::{DType, Module, Result, Tensor, D};
+use candle_nn::{Conv2d, Conv2dConfig, GroupNorm, Linear, VarBuilder};
+
+/// SiLU ("swish"), the only activation Stable Diffusion's U-Net and VAE use.
+pub fn silu(x: &Tensor) -> Result<Tensor> {
+    x.silu()
+}
+
+/// Checks an activation name from a config and returns an error naming it if it isn't SiLU.
+pub fn check_act_fn(key: &str, value: &str) -> anyhow::Result<()> {
+    match value {
+        "silu" | "swish" => Ok(()),
+        other => anyhow::bail!("unsupported {key} = {other:?} in config.json (only \"silu\")"),
+    }
+}
+
+/// `torch.nn.GroupNorm`. candle_nn's GroupNorm is built from plain tensor ops (differentiable)
+/// and computes half-precision inputs in f32, so it is used as is.
+pub fn group_norm(groups: usize, channels: usize, eps: f64, vb: VarBuilder) -> Result<GroupNorm> {
+    candle_nn::group_norm(groups, channels, eps, vb)
+}
+
+/// `nn.Conv2d(in, out, kernel, stride, padding)` with bias.
+pub fn conv2d(
+    in_channels: usize,
+    out_channels: usize,
+    kernel: usize,
+    stride: usize,
+    padding: usize,
+    vb: VarBuilder,
+) -> Result<Conv2d> {
+    let cfg = Conv2dConfig {
+        padding,
+        stride,
+        ..Default::default()
+    };
+    candle_nn::conv2d(in_channels, out_channels, kernel, cfg, vb)
+}
+
+/// `nn.Linear` with or without bias.
+pub fn linear(in_dim: usize, out_dim: usize, bias: bool, vb: VarBuilder) -> Result<Linear> {
+    if bias {
+        candle_nn::linear(in_dim, out_dim, vb)
+    } else {
+        candle_nn::linear_no_bias(in_dim, out_dim, vb)
+    }
+}
+
+/// `nn.LayerNorm` over the last dimension, written from mean and variance so that it has a
+/// backward pass (candle_nn::LayerNorm's fused kernel has none). Half inputs are normalised in
+/// f32, as PyTorch does internally.
+#[derive(Debug, Clone)]
+pub struct LayerNorm {
+    weight: Tensor,
+    bias: Tensor,
+    eps: f64,
+}
+
+impl LayerNorm {
+    pub fn new(dim: usize, eps: f64, vb: VarBuilder) -> Result<Self> {
+        let weight = vb.get_with_hints(dim, "weight", candle_nn::Init::Const(1.))?;
+        let bias = vb.get_with_hints(dim, "bias", candle_nn::Init::Const(0.))?;
+        Ok(Self { weight, bias, eps })
+    }
+}
+
+impl Module for LayerNorm {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let dtype = x.dtype();
+        let x = match dtype {
+            DType::F16 | DType::BF16 => x.to_dtype(DType::F32)?,
+            _ => x.clone(),
+        };
+        let mean = x.mean_keepdim(D::Minus1)?;
+        let centered = x.broadcast_sub(&mean)?;
+        let var = centered.sqr()?.mean_keepdim(D::Minus1)?;
+        let normed = centered.broadcast_div(&(var + self.eps)?.sqrt()?)?;
+        normed
+            .to_dtype(dtype)?
+            .broadcast_mul(&self.weight)?
+            .broadcast_add(&self.bias)
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Timesteps
+// ---------------------------------------------------------------------------------------------
+
+/// diffusers' `get_timestep_embedding`: sinusoidal features of one (possibly fractional)
+/// timestep per sample. `timesteps` has shape (B,); the result is (B, dim) in f32.
+///
+/// The frequencies are computed in f32 in the same order of operations as diffusers so that the
+/// large arguments (t up to 999) round the same way.
+pub fn timestep_embedding(
+    timesteps: &Tensor,
+    dim: usize,
+    flip_sin_to_cos: bool,
+    freq_shift: f64,
+) -> Result<Tensor> {
+    let half = dim / 2;
+    let log_max_period = -(10000f64.ln()) as f32;
+    let denom = half as f32 - freq_shift as f32;
+    let freqs: Vec<f32> = (0..half)
+        .map(|i| ((log_max_period * i as f32) / denom).exp())
+        .collect();
+    let freqs = Tensor::from_vec(freqs, (1, half), timesteps.device())?;
+    let t = timesteps.to_dtype(DType::F32)?.unsqueeze(1)?;
+    let args = t.broadcast_mul(&freqs)?;
+    let (sin, cos) = (args.sin()?, args.cos()?);
+    let emb = if flip_sin_to_cos {
+        Tensor::cat(&[cos, sin], 1)?
+    } else {
+        Tensor::cat(&[sin, cos], 1)?
+    };
+    if dim % 2 == 1 {
+        emb.pad_with_zeros(1, 0, 1)
+    } else {
+        Ok(emb)
+    }
+}
+
+/// diffusers' `TimestepEmbedding`: linear_1, SiLU, linear_2.
+#[derive(Debug, Clone)]
+pub struct TimestepEmbedding {
+    linear_1: Linear,
+    linear_2: Linear,
+}
+
+impl TimestepEmbedding {
+    pub fn new(in_dim: usize, time_embed_dim: usize, vb: VarBuilder) -> Result<Self> {
+        Ok(Self {
+            linear_1: linear(in_dim, time_embed_dim, true, vb.pp("linear_1"))?,
+            linear_2: linear(time_embed_dim, time_embed_dim, true, vb.pp("linear_2"))?,
+        })
+    }
+}
+
+impl Module for TimestepEmbedding {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        self.linear_2.forward(&silu(&self.linear_1.forward(x)?)?)
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// ResnetBlock2D, Downsample2D, Upsample2D
+// ---------------------------------------------------------------------------------------------
+
+/// Settings of diffusers' `ResnetBlock2D` (time_embedding_norm "default", pre_norm, SiLU).
+#[derive(Debug, Clone, Copy)]
+pub struct ResnetBlock2DConfig {
+    pub in_channels: usize,
+    pub out_channels: usize,
+    /// `None` for the autoencoder, whose blocks take no time embedding.
+    pub temb_channels: Option<usize>,
+    pub groups: usize,
+    pub eps: f64,
+    pub output_scale_factor: f64,
+}
+
+#[derive(Debug, Clone)]
+pub struct ResnetBlock2D {
+    norm1: GroupNorm,
+    conv1: Conv2d,
+    time_emb_proj: Option<Linear>,
+    norm2: GroupNorm,
+    conv2: Conv2d,
+    conv_shortcut: Option<Conv2d>,
+    output_scale_factor: f64,
+}
+
+impl ResnetBlock2D {
+    pub fn new(cfg: &ResnetBlock2DConfig, vb: VarBuilder) -> Result<Self> {
+        let (cin, cout) = (cfg.in_channels, cfg.out_channels);
+        let time_emb_proj = match cfg.temb_channels {
+            Some(t) => Some(linear(t, cout, true, vb.pp("time_emb_proj"))?),
+            None => None,
+        };
+        let conv_shortcut = if cin != cout {
+            Some(conv2d(cin, cout, 1, 1, 0, vb.pp("conv_shortcut"))?)
+        } else {
+            None
+        };
+        Ok(Self {
+            norm1: group_norm(cfg.groups, cin, cfg.eps, vb.pp("norm1"))?,
+            conv1: conv2d(cin, cout, 3, 1, 1, vb.pp("conv1"))?,
+            time_emb_proj,
+            norm2: group_norm(cfg.groups, cout, cfg.eps, vb.pp("norm2"))?,
+            conv2: conv2d(cout, cout, 3, 1, 1, vb.pp("conv2"))?,
+            conv_shortcut,
+            output_scale_factor: cfg.output_scale_factor,
+        })
+    }
+
+    /// `temb` is the (B, temb_channels) time embedding, `None` for the autoencoder.
+    pub fn forward(&self, x: &Tensor, temb: Option<&Tensor>) -> Result<Tensor> {
+        let h = self.conv1.forward(&silu(&self.norm1.forward(x)?)?)?;
+        let h = match (&self.time_emb_proj, temb) {
+            (Some(proj), Some(temb)) => {
+                let t = proj.forward(&silu(temb)?)?.unsqueeze(2)?.unsqueeze(3)?;
+                h.broadcast_add(&t)?
+            }
+            (None, _) => h,
+            (Some(_), None) => {
+                candle_core::bail!("ResnetBlock2D has time_emb_proj but got no time embedding")
+            }
+        };
+        let h = self.conv2.forward(&silu(&self.norm2.forward(&h)?)?)?;
+        let x = match &self.conv_shortcut {
+            Some(conv) => conv.forward(x)?,
+            None => x.clone(),
+        };
+        let out = (x + h)?;
+        if self.output_scale_factor == 1.0 {
+            Ok(out)
+        } else {
+            out / self.output_scale_factor
+        }
+    }
+}
+
+/// diffusers' `Downsample2D` with a convolution (`downsamplers.0.conv`), stride 2.
+/// With `padding == 0` (the autoencoder) diffusers pads one zero row/column at the bottom/right
+/// first, which makes the result differ from padding 1 on both sides.
+#[derive(Debug, Clone)]
+pub struct Downsample2D {
+    conv: Conv2d,
+    pad_bottom_right: bool,
+}
+
+impl Downsample2D {
+    pub fn new(
+        channels: usize,
+        out_channels: usize,
+        padding: usize,
+        vb: VarBuilder,
+    ) -> Result<Self> {
+        Ok(Self {
+            conv: conv2d(channels, out_channels, 3, 2, padding, vb.pp("conv"))?,
+            pad_bottom_right: padding == 0,
+        })
+    }
+}
+
+impl Module for Downsample2D {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let x = if self.pad_bottom_right {
+            x.pad_with_zeros(2, 0, 1)?.pad_with_zeros(3, 0, 1)?
+        } else {
+            x.clone()
+        };
+        self.conv.forward(&same_parity(&x)?)
+    }
+}
+
+/// candle 0.11's conv2d backward derives the transposed convolution's output padding from the
+/// height alone, so a stride-2 conv over a map whose height and width differ in parity (e.g. a
+/// 16x9 latent) fails in backward with a shape mismatch. One extra zero row/column at the end of
+/// the odd dimension makes both even without changing the forward result: for a 3x3 stride-2
+/// window the last output of an odd-sized input already reads that position as padding (or
+/// never reaches it).
+fn same_parity(x: &Tensor) -> Result<Tensor> {
+    let (_, _, h, w) = x.dims4()?;
+    match (h % 2, w % 2) {
+        (1, 0) => x.pad_with_zeros(2, 0, 1),
+        (0, 1) => x.pad_with_zeros(3, 0, 1),
+        _ => Ok(x.clone()),
+    }
+}
+
+/// Nearest-neighbour upsampling to `(out_h, out_w)` with PyTorch's index rule
+/// `src = floor(dst * in / out)`.
+///
+/// The exact 2x case is a broadcast + reshape rather than candle's `upsample_nearest2d`, whose
+/// backward overwrites (instead of accumulating into) the input's gradient. Other sizes (odd
+/// latent sizes, where diffusers passes `upsample_size`) use `index_select`, also differentiable.
+pub fn upsample_nearest(x: &Tensor, out_h: usize, out_w: usize) -> Result<Tensor> {
+    let (b, c, h, w) = x.dims4()?;
+    if out_h == 2 * h && out_w == 2 * w {
+        return x
+            .reshape((b, c, h, 1, w, 1))?
+            .broadcast_as((b, c, h, 2, w, 2))?
+            .reshape((b, c, out_h, out_w));
+    }
+    let index = |n_in: usize, n_out: usize| -> Result<Tensor> {
+        let idx: Vec<u32> = (0..n_out)
+            .map(|i| ((i * n_in) / n_out).min(n_in - 1) as u32)
+            .collect();
+        Tensor::new(idx, x.device())
+    };
+    let x = if out_h != h {
+        x.index_select(&index(h, out_h)?, 2)?
+    } else {
+        x.clone()
+    };
+    if out_w != w {
+        x.index_select(&index(w, out_w)?, 3)
+    } else {
+        Ok(x)
+    }
+}
+
+/// diffusers' `Upsample2D` with a convolution (`upsamplers.0.conv`): nearest x2 (or to the
+/// size of the matching skip connection), then a 3x3 conv.
+#[derive(Debug, Clone)]
+pub struct Upsample2D {
+    conv: Conv2d,
+}
+
+impl Upsample2D {
+    pub fn new(channels: usize, out_channels: usize, vb: VarBuilder) -> Result<Self> {
+        Ok(Self {
+            conv: conv2d(channels, out_channels, 3, 1, 1, vb.pp("conv"))?,
+        })
+    }
+
+    /// `size`: the output (height, width); `None` doubles both.
+    pub fn forward(&self, x: &Tensor, size: Option<(usize, usize)>) -> Result<Tensor> {
+        let (_, _, h, w) = x.dims4()?;
+        let (oh, ow) = size.unwrap_or((2 * h, 2 * w));
+        self.conv.forward(&upsample_nearest(x, oh, ow)?)
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Attention
+// ---------------------------------------------------------------------------------------------
+
+/// Upper bound on the number of attention-score elements materialised at once. Larger problems
+/// are split over query rows, which is exact (softmax is per query) and bounds memory.
+const ATTENTION_SCORE_CHUNK: usize = 1 << 24;
+
+/// Scaled dot-product attention, the one place all attention in the crate goes through.
+/// `q`: (B, H, Nq, d), `k`, `v`: (B, H, Nk, d); returns (B, H, Nq, d).
+///
+/// Scores and softmax are computed in f32 for half-precision inputs (diffusers'
+/// `upcast_attention`/`upcast_softmax`, and what PyTorch's SDPA does internally), then the
+/// probabilities are cast back for the product with `v`.
+pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Result<Tensor> {
+    attention_chunked(q, k, v, scale, ATTENTION_SCORE_CHUNK)
+}
+
+/// [`attention`] materialising at most about `max_score_elems` scores at a time (at least one
+/// query row per chunk).
+pub fn attention_chunked(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    scale: f64,
+    max_score_elems: usize,
+) -> Result<Tensor> {
+    let dtype = q.dtype();
+    let upcast = matches!(dtype, DType::F16 | DType::BF16);
+    let (b, h, nq, _) = q.dims4()?;
+    let nk = k.dim(2)?;
+    let (q, kt) = if upcast {
+        (q.to_dtype(DType::F32)?, k.to_dtype(DType::F32)?.t()?)
+    } else {
+        (q.clone(), k.t()?)
+    };
+    let kt = kt.contiguous()?;
+    let v = v.contiguous()?;
+    let rows_per_chunk = (max_score_elems / (b * h * nk).max(1)).clamp(1, nq);
+    let mut outs = Vec::with_capacity(nq.div_ceil(rows_per_chunk));
+    let mut start = 0;
+    while start < nq {
+        let len = rows_per_chunk.min(nq - start);
+        let q_chunk = if len == nq {
+            q.clone()
+        } else {
+            q.narrow(2, start, len)?
+        };
+        let scores = (q_chunk.contiguous()?.matmul(&kt)? * scale)?;
+        let probs = candle_nn::ops::softmax(&scores, D::Minus1)?.to_dtype(dtype)?;
+        outs.push(probs.matmul(&v)?);
+        start += len;
+    }
+    if outs.len() == 1 {
+        Ok(outs.remove(0))
+    } else {
+        Tensor::cat(&outs, 2)
+    }
+}
+
+/// Settings of diffusers' `Attention` module as Stable Diffusion uses it.
+#[derive(Debug, Clone, Copy)]
+pub struct AttentionConfig {
+    pub query_dim: usize,
+    /// Width of the context for cross-attention; `None` for self-attention.
+    pub cross_attention_dim: Option<usize>,
+    pub heads: usize,
+    pub dim_head: usize,
+    /// Bias on to_q/to_k/to_v (false in the U-Net, true in the VAE).
+    pub qkv_bias: bool,
+    /// `Some((groups, eps))`: the VAE mid-block's `group_norm` applied to the input.
+    pub group_norm: Option<(usize, f64)>,
+    /// Add the input back (the VAE mid-block attention).
+    pub residual_connection: bool,
+    pub rescale_output_factor: f64,
+}
+
+/// diffusers' `Attention` (to_q, to_k, to_v, to_out.0, optional group_norm) with the default
+/// processor's semantics. Accepts (B, N, C) tokens or, like diffusers, a (B, C, H, W) map.
+#[derive(Debug, Clone)]
+pub struct Attention {
+    to_q: Linear,
+    to_k: Linear,
+    to_v: Linear,
+    to_out: Linear,
+    group_norm: Option<GroupNorm>,
+    heads: usize,
+    dim_head: usize,
+    residual_connection: bool,
+    rescale_output_factor: f64,
+}
+
+impl Attention {
+    pub fn new(cfg: &AttentionConfig, vb: VarBuilder) -> Result<Self> {
+        let inner = cfg.heads * cfg.dim_head;
+        let kv_dim = cfg.cross_attention_dim.unwrap_or(cfg.query_dim);
+        let group_norm = match cfg.group_norm {
+            Some((groups, eps)) => {
+                Some(group_norm(groups, cfg.query_dim, eps, vb.pp("group_norm"))?)
+            }
+            None => None,
+        };
+        Ok(Self {
+            to_q: linear(cfg.query_dim, inner, cfg.qkv_bias, vb.pp("to_q"))?,
+            to_k: linear(kv_dim, inner, cfg.qkv_bias, vb.pp("to_k"))?,
+            to_v: linear(kv_dim, inner, cfg.qkv_bias, vb.pp("to_v"))?,
+            to_out: linear(inner, cfg.query_dim, true, vb.pp("to_out.0"))?,
+            group_norm,
+            heads: cfg.heads,
+            dim_head: cfg.dim_head,
+            residual_connection: cfg.residual_connection,
+            rescale_output_factor: cfg.rescale_output_factor,
+        })
+    }
+
+    /// (B, N, heads*dim_head) -> (B, heads, N, dim_head)
+    fn split_heads(&self, x: &Tensor) -> Result<Tensor> {
+        let (b, n, _) = x.dims3()?;
+        x.reshape((b, n, self.heads, self.dim_head))?
+            .transpose(1, 2)?
+            .contiguous()
+    }
+
+    /// `context`: (B, L, cross_attention_dim) for cross-attention, `None` for self-attention.
+    pub fn forward(&self, x: &Tensor, context: Option<&Tensor>) -> Result<Tensor> {
+        let residual = x;
+        let spatial = x.rank() == 4;
+        let (tokens, shape4) = if spatial {
+            let (b, c, h, w) = x.dims4()?;
+            (
+                x.reshape((b, c, h * w))?.transpose(1, 2)?,
+                Some((b, c, h, w)),
+            )
+        } else {
+            (x.clone(), None)
+        };
+        let tokens = match &self.group_norm {
+            // GroupNorm wants channels second.
+            Some(norm) => norm
+                .forward(&tokens.transpose(1, 2)?.contiguous()?)?
+                .transpose(1, 2)?,
+            None => tokens,
+        };
+        let tokens = tokens.contiguous()?;
+        let context = context.unwrap_or(&tokens);
+        let q = self.split_heads(&self.to_q.forward(&tokens)?)?;
+        let k = self.split_heads(&self.to_k.forward(context)?)?;
+        let v = self.split_heads(&self.to_v.forward(context)?)?;
+        let scale = 1.0 / (self.dim_head as f64).sqrt();
+        let out = attention(&q, &k, &v, scale)?;
+        let (b, _, n, _) = out.dims4()?;
+        let out = out
+            .transpose(1, 2)?
+            .reshape((b, n, self.heads * self.dim_head))?;
+        let out = self.to_out.forward(&out)?;
+        let out = match shape4 {
+            Some((b, c, h, w)) => out.transpose(1, 2)?.reshape((b, c, h, w))?,
+            None => out,
+        };
+        let out = if self.residual_connection {
+            (out + residual)?
+        } else {
+            out
+        };
+        if self.rescale_output_factor == 1.0 {
+            Ok(out)
+        } else {
+            out / self.rescale_output_factor
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Transformer blocks
+// ---------------------------------------------------------------------------------------------
+
+/// diffusers' `FeedForward` with GEGLU: ff.net.0.proj (to 2 x inner), value * gelu(gate),
+/// ff.net.2. GELU is the exact (erf) one, as `F.gelu`'s default.
+#[derive(Debug, Clone)]
+pub struct FeedForward {
+    proj_in: Linear,
+    proj_out: Linear,
+}
+
+impl FeedForward {
+    pub fn new(dim: usize, mult: usize, vb: VarBuilder) -> Result<Self> {
+        let inner = dim * mult;
+        Ok(Self {
+            proj_in: linear(dim, inner * 2, true, vb.pp("net.0.proj"))?,
+            proj_out: linear(inner, dim, true, vb.pp("net.2"))?,
+        })
+    }
+}
+
+impl Module for FeedForward {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let h = self.proj_in.forward(x)?;
+        let inner = h.dim(D::Minus1)? / 2;
+        let value = h.narrow(D::Minus1, 0, inner)?;
+        let gate = h.narrow(D::Minus1, inner, inner)?;
+        self.proj_out.forward(&(value * gate.gelu_erf()?)?)
+    }
+}
+
+/// diffusers' `BasicTransformerBlock` (norm_type "layer_norm"): self-attention, cross-attention
+/// on the text context, GEGLU feed-forward, each pre-normed with a residual.
+#[derive(Debug, Clone)]
+pub struct BasicTransformerBlock {
+    norm1: LayerNorm,
+    attn1: Attention,
+    norm2: LayerNorm,
+    attn2: Attention,
+    norm3: LayerNorm,
+    ff: FeedForward,
+}
+
+impl BasicTransformerBlock {
+    pub fn new(
+        dim: usize,
+        heads: usize,
+        dim_head: usize,
+        cross_attention_dim: usize,
+        vb: VarBuilder,
+    ) -> Result<Self> {
+        let attn = |cross: Option<usize>| AttentionConfig {
+            query_dim: dim,
+            cross_attention_dim: cross,
+            heads,
+            dim_head,
+            qkv_bias: false,
+            group_norm: None,
+            residual_connection: false,
+            rescale_output_factor: 1.0,
+        };
+        // BasicTransformerBlock's norm_eps default; Transformer2DModel never overrides it in SD.
+        let eps = 1e-5;
+        Ok(Self {
+            norm1: LayerNorm::new(dim, eps, vb.pp("norm1"))?,
+            attn1: Attention::new(&attn(None), vb.pp("attn1"))?,
+            norm2: LayerNorm::new(dim, eps, vb.pp("norm2"))?,
+            attn2: Attention::new(&attn(Some(cross_attention_dim)), vb.pp("attn2"))?,
+            norm3: LayerNorm::new(dim, eps, vb.pp("norm3"))?,
+            ff: FeedForward::new(dim, 4, vb.pp("ff"))?,
+        })
+    }
+
+    pub fn forward(&self, x: &Tensor, context: &Tensor) -> Result<Tensor> {
+        let x = (self.attn1.forward(&self.norm1.forward(x)?, None)? + x)?;
+        let x = (self
+            .attn2
+            .forward(&self.norm2.forward(&x)?, Some(context))?
+            + &x)?;
+        self.ff.forward(&self.norm3.forward(&x)?)? + x
+    }
+}
+
+/// Settings of diffusers' `Transformer2DModel` with continuous (image) input.
+#[derive(Debug, Clone, Copy)]
+pub struct Transformer2DConfig {
+    pub in_channels: usize,
+    pub heads: usize,
+    pub dim_head: usize,
+    pub num_layers: usize,
+    pub cross_attention_dim: usize,
+    pub norm_num_groups: usize,
+    /// Linear proj_in/proj_out (SD2, SDXL) instead of 1x1 convolutions (SD1).
+    pub use_linear_projection: bool,
+}
+
+#[derive(Debug, Clone)]
+enum Projection {
+    Conv(Conv2d),
+    Linear(Linear),
+}
+
+/// diffusers' `Transformer2DModel`: GroupNorm, proj_in, transformer_blocks, proj_out, residual.
+#[derive(Debug, Clone)]
+pub struct Transformer2DModel {
+    norm: GroupNorm,
+    proj_in: Projection,
+    transformer_blocks: Vec<BasicTransformerBlock>,
+    proj_out: Projection,
+}
+
+impl Transformer2DModel {
+    pub fn new(cfg: &Transformer2DConfig, vb: VarBuilder) -> Result<Self> {
+        let inner = cfg.heads * cfg.dim_head;
+        let c = cfg.in_channels;
+        let (proj_in, proj_out) = if cfg.use_linear_projection {
+            (
+                Projection::Linear(linear(c, inner, true, vb.pp("proj_in"))?),
+                Projection::Linear(linear(inner, c, true, vb.pp("proj_out"))?),
+            )
+        } else {
+            (
+                Projection::Conv(conv2d(c, inner, 1, 1, 0, vb.pp("proj_in"))?),
+                Projection::Conv(conv2d(inner, c, 1, 1, 0, vb.pp("proj_out"))?),
+            )
+        };
+        let blocks = vb.pp("transformer_blocks");
+        let transformer_blocks = (0..cfg.num_layers)
+            .map(|i| {
+                BasicTransformerBlock::new(
+                    inner,
+                    cfg.heads,
+                    cfg.dim_head,
+                    cfg.cross_attention_dim,
+                    blocks.pp(i),
+                )
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Self {
+            // Transformer2DModel hard-codes eps 1e-6 for this norm.
+            norm: group_norm(cfg.norm_num_groups, c, 1e-6, vb.pp("norm"))?,
+            proj_in,
+            transformer_blocks,
+            proj_out,
+        })
+    }
+
+    pub fn forward(&self, x: &Tensor, context: &Tensor) -> Result<Tensor> {
+        let (b, c, h, w) = x.dims4()?;
+        let normed = self.norm.forward(x)?;
+        // (B, C, H, W) <-> (B, H*W, C)
+        let to_tokens = |t: &Tensor| -> Result<Tensor> {
+            let ch = t.dim(1)?;
+            t.permute((0, 2, 3, 1))?.reshape((b, h * w, ch))
+        };
+        let to_map = |t: &Tensor| -> Result<Tensor> {
+            let ch = t.dim(2)?;
+            t.reshape((b, h, w, ch))?
+                .permute((0, 3, 1, 2))?
+                .contiguous()
+        };
+        let mut tokens = match &self.proj_in {
+            Projection::Conv(conv) => to_tokens(&conv.forward(&normed)?)?,
+            Projection::Linear(lin) => lin.forward(&to_tokens(&normed)?.contiguous()?)?,
+        };
+        for block in &self.transformer_blocks {
+            tokens = block.forward(&tokens, context)?;
+        }
+        let out = match &self.proj_out {
+            Projection::Conv(conv) => conv.forward(&to_map(&tokens)?)?,
+            Projection::Linear(lin) => to_map(&lin.forward(&tokens)?)?,
+        };
+        debug_assert_eq!(out.dim(1)?, c);
+        out + x
+    }
+}
