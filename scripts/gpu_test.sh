@@ -2,7 +2,7 @@
 # Check sd-rs on a CUDA GPU from a machine that has none: build here, run on the GPU host.
 #
 #   scripts/gpu_test.sh build             here: CUDA build of sd-rs and the GPU tests, gzipped
-#                                         into dist/gpu/ (about 12 MB per binary)
+#                                         into dist/gpu/ (sd-rs 18 MB, each test 11 MB)
 #   scripts/gpu_test.sh remote [STAGE..]  on the GPU host, from the repository root with
 #                                         dist/gpu/ beside it; stages: libs device parity
 #                                         generate train bench (default: all, in that order)
@@ -121,8 +121,13 @@ run() {
 
 # A subcommand that is missing (or not yet built) fails the stage with that reason.
 need_subcommand() {
+  local out
+  if ! out="$("$SDRS" --version 2>&1)"; then
+    echo "sd-rs does not start: $out"
+    return 1
+  fi
   if ! "$SDRS" "$1" --help >/dev/null 2>&1; then
-    echo "MISSING: this sd-rs has no '$1' subcommand ($("$SDRS" --version 2>&1))"
+    echo "MISSING: this sd-rs ($out) has no '$1' subcommand"
     return 1
   fi
 }

@@ -469,7 +469,7 @@ pub fn run(args: GenerateArgs) -> Result<()> {
         if warned.insert(job.prompt.clone()) {
             let unknown = pipeline.unknown_words(&job.prompt);
             if !unknown.is_empty() {
-                bar.println(format!(
+                bar.suspend(|| eprintln!(
                     "warning: {}: the model does not know {}; generating without them",
                     job.origin,
                     unknown
@@ -498,7 +498,7 @@ pub fn run(args: GenerateArgs) -> Result<()> {
                         extra: Vec::new(),
                     };
                     save_image(&j.output, image, &params.to_a1111(), args.preview_scale)?;
-                    bar.println(format!("{} (seed {})", j.output.display(), j.seed));
+                    bar.suspend(|| eprintln!("{} (seed {})", j.output.display(), j.seed));
                     written += 1;
                 }
                 for (j, strip) in batch.iter().zip(&output.x0_strips) {

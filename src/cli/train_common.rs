@@ -258,7 +258,7 @@ impl Run {
     }
 
     pub fn println(&self, msg: impl AsRef<str>) {
-        self.bar.println(msg.as_ref());
+        self.bar.suspend(|| eprintln!("{}", msg.as_ref()));
     }
 
     /// Takes the gradients of one micro-batch; after `grad_accum` of them, clips, updates the

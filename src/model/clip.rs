@@ -21,7 +21,7 @@ use std::path::Path;
 use super::layers::LayerNorm;
 
 /// The activation between the two MLP layers (transformers' `hidden_act`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum ClipActivation {
     /// `x * sigmoid(1.702 x)`: OpenAI CLIP (SD 1.x, SDXL's first encoder).
@@ -45,7 +45,7 @@ impl ClipActivation {
 
 /// transformers' `CLIPTextConfig`, read from `text_encoder/config.json`. Defaults are
 /// transformers' defaults, so a config that omits a field means what it means there.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, serde::Serialize)]
 pub struct ClipTextConfig {
     #[serde(default = "default_vocab_size")]
     pub vocab_size: usize,

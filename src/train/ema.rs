@@ -84,7 +84,7 @@ impl Ema {
     pub fn new(vars: &[(String, Var)], config: EmaConfig) -> Result<Self> {
         let mut shadow = vars
             .iter()
-            .map(|(name, var)| Ok((name.clone(), var.as_tensor().to_dtype(DType::F32)?.copy()?)))
+            .map(|(name, var)| Ok((name.clone(), var.as_tensor().detach().to_dtype(DType::F32)?.copy()?)))
             .collect::<Result<Vec<_>>>()?;
         shadow.sort_by(|a, b| a.0.cmp(&b.0));
         Ok(Self {
@@ -119,7 +119,8 @@ impl Ema {
             let var = by_name
                 .get(name.as_str())
                 .with_context(|| format!("EMA: no weight {name}"))?;
-            let param = var.as_tensor().to_dtype(DType::F32)?;
+            // Detached, or each new average would hold the graph of every update before it.
+            let param = var.as_tensor().detach().to_dtype(DType::F32)?;
             // shadow - (1 - decay) * (shadow - param) = decay * shadow + (1 - decay) * param
             *shadow = (shadow.affine(decay, 0.0)? + param.affine(1.0 - decay, 0.0)?)?;
         }

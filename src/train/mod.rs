@@ -19,6 +19,7 @@ pub mod latent_cache;
 pub mod lr;
 pub mod metrics;
 pub mod optim;
+pub mod vocab;
 
 use anyhow::{Context, Result};
 use candle_core::{Device, Tensor};

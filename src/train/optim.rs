@@ -171,12 +171,14 @@ impl AdamW {
         let inv_sqrt_bias2 = 1.0 / (1.0 - beta2.powi(t)).sqrt();
         for (p, g) in self.params.iter_mut().zip(&grads.0) {
             let Some(g) = g else { continue };
-            let g = g.to_dtype(DType::F32)?;
+            // Detached: gradients (and the weights) carry the autograd graph that made them; a
+            // moment built from them would keep every past step's graph alive.
+            let g = g.detach().to_dtype(DType::F32)?;
             p.m = (p.m.affine(beta1, 0.0)? + g.affine(1.0 - beta1, 0.0)?)?;
             p.v = (p.v.affine(beta2, 0.0)? + g.sqr()?.affine(1.0 - beta2, 0.0)?)?;
             let denom = p.v.sqrt()?.affine(inv_sqrt_bias2, eps)?;
             let update = (&p.m / denom)?.affine(step_size, 0.0)?;
-            let theta = p.var.as_tensor().to_dtype(DType::F32)?;
+            let theta = p.var.as_tensor().detach().to_dtype(DType::F32)?;
             let shrink = if p.decay {
                 1.0 - lr * weight_decay
             } else {
