@@ -18,6 +18,7 @@ use crate::model::vae::{AutoencoderKL, AutoencoderKLConfig};
 use crate::model::weights::load_component;
 use crate::sampler::{build_sampler, img2img_start_index, NoiseSource, SamplerKind, SeededNoise};
 use crate::schedule::SchedulerConfig;
+use crate::train::data::rgb_to_tensor;
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor, D};
 use std::path::Path;
@@ -449,22 +450,14 @@ fn model_name(dir: &Path) -> String {
         .unwrap_or_else(|| dir.display().to_string())
 }
 
+/// Reads an image file as 8-bit RGB.
+pub fn read_rgb(path: &Path) -> Result<image::RgbImage> {
+    Ok(image::open(path).with_context(|| format!("{} is not a readable image", path.display()))?.to_rgb8())
+}
+
 /// Reads an image file as a (1, 3, H, W) f32 tensor in [-1, 1] on the CPU.
 pub fn load_image(path: &Path) -> Result<Tensor> {
-    let img = image::open(path)
-        .with_context(|| format!("{} is not a readable image", path.display()))?
-        .to_rgb8();
-    let (w, h) = img.dimensions();
-    let data: Vec<f32> = img
-        .into_raw()
-        .iter()
-        .map(|&v| v as f32 / 127.5 - 1.0)
-        .collect();
-    Ok(
-        Tensor::from_vec(data, (1, h as usize, w as usize, 3), &Device::Cpu)?
-            .permute((0, 3, 1, 2))?
-            .contiguous()?,
-    )
+    Ok(rgb_to_tensor(&read_rgb(path)?)?.unsqueeze(0)?)
 }
 
 /// Resizes a (1, 3, H, W) image tensor with a Lanczos filter when its size differs.
@@ -474,20 +467,8 @@ fn resize_image_tensor(image: &Tensor, width: usize, height: usize) -> Result<Te
         return Ok(image.clone());
     }
     let rgb = tensor_to_images(image)?.remove(0);
-    let resized = image::imageops::resize(
-        &rgb,
-        width as u32,
-        height as u32,
-        image::imageops::FilterType::Lanczos3,
-    );
-    let data: Vec<f32> = resized
-        .into_raw()
-        .iter()
-        .map(|&v| v as f32 / 127.5 - 1.0)
-        .collect();
-    Ok(Tensor::from_vec(data, (1, height, width, 3), &Device::Cpu)?
-        .permute((0, 3, 1, 2))?
-        .contiguous()?)
+    let resized = image::imageops::resize(&rgb, width as u32, height as u32, image::imageops::FilterType::Lanczos3);
+    Ok(rgb_to_tensor(&resized)?.unsqueeze(0)?)
 }
 
 /// (B, 3, H, W) in [-1, 1] -> 8-bit RGB images, rounding as diffusers' `numpy_to_pil`

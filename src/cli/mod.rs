@@ -46,11 +46,3 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::NoiseStrip(args) => noise_strip::run(args),
     }
 }
-
-/// The error for a command whose implementation has not landed yet: clear, not a panic.
-pub(crate) fn not_built_yet(command: &str, issue: &str) -> anyhow::Error {
-    anyhow::anyhow!(
-        "`sd-rs {command}` is not built yet in this version of sd-rs ({issue}); \
-         its options are final, see `sd-rs {command} --help`"
-    )
-}

@@ -130,11 +130,13 @@ pub fn default_model_dir() -> Result<PathBuf> {
             return Ok(dir.clone());
         }
     }
+    let mut seen = std::collections::HashSet::new();
+    candidates.retain(|c| seen.insert(c.clone()));
     bail!(
-        "the default model {DEFAULT_MODEL_NAME} was not found (looked in: {}). It ships in the \
-         sd-rs repository under models/{DEFAULT_MODEL_NAME}; run sd-rs from the repository, set \
-         SD_RS_DEFAULT_MODEL to its folder, or pass --model with a diffusers model folder or a \
-         Hugging Face repo id",
+        "the default model {DEFAULT_MODEL_NAME} was not found (looked in: {}). It lives in the \
+         sd-rs repository under models/{DEFAULT_MODEL_NAME} once trained (README, \"The default \
+         model\", has the recipe); run sd-rs from the repository, set SD_RS_DEFAULT_MODEL to its \
+         folder, or pass --model with a diffusers model folder or a Hugging Face repo id",
         candidates
             .iter()
             .map(|c| c.display().to_string())
