@@ -284,21 +284,6 @@ pub fn diffusers_config_json<C: Serialize>(class_name: &str, config: &C) -> anyh
     Ok(value)
 }
 
-/// `path` plus a temporary suffix in the same directory (so the rename is atomic).
-fn temp_path(path: &Path) -> PathBuf {
-    let mut name = path.file_name().unwrap_or_default().to_os_string();
-    name.push(format!(".{}.tmp", std::process::id()));
-    path.with_file_name(name)
-}
-
-/// Writes `bytes` to `path` via a temporary file and a rename.
-pub fn write_atomic(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
-    let tmp = temp_path(path);
-    std::fs::write(&tmp, bytes).with_context(|| format!("cannot write {}", tmp.display()))?;
-    std::fs::rename(&tmp, path)
-        .with_context(|| format!("cannot move {} to {}", tmp.display(), path.display()))
-}
-
 /// Writes `tensors` as one safetensors file (metadata `format: pt`, which transformers
 /// expects), via a temporary file and a rename. `dtype` casts on the way out (e.g. F16).
 pub fn save_safetensors_atomic(
@@ -316,11 +301,10 @@ pub fn save_safetensors_atomic(
     }
     data.sort_by(|a, b| a.0.cmp(&b.0));
     let metadata = HashMap::from([("format".to_string(), "pt".to_string())]);
-    let tmp = temp_path(path);
-    safetensors::serialize_to_file(data, Some(metadata), &tmp)
-        .with_context(|| format!("cannot write {}", tmp.display()))?;
-    std::fs::rename(&tmp, path)
-        .with_context(|| format!("cannot move {} to {}", tmp.display(), path.display()))
+    crate::io::with_atomic_file(path, |tmp| {
+        safetensors::serialize_to_file(data, Some(metadata), tmp)
+            .with_context(|| format!("cannot write {}", tmp.display()))
+    })
 }
 
 /// The current values of a `VarMap`'s variables by name.
@@ -348,5 +332,5 @@ pub fn save_component<C: Serialize>(
     let config = diffusers_config_json(class_name, config)?;
     save_safetensors_atomic(&dir.join(DIFFUSERS_WEIGHTS), &varmap_tensors(varmap), dtype)?;
     let json = serde_json::to_string_pretty(&config)?;
-    write_atomic(&dir.join("config.json"), json.as_bytes())
+    crate::io::write_atomic(&dir.join("config.json"), json.as_bytes())
 }
