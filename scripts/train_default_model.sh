@@ -1,0 +1,62 @@
+#!/usr/bin/env bash
+# Makes the shipped default model, models/sd-rs-anime, from nothing but npm packages and sd-rs:
+# render the avatar dataset, train the VAE, train the U-Net and text encoder, copy the result
+# into models/ (f16 weights) and measure how well it follows prompts.
+#
+# Resumable: run it again after a stop (or in a later session) and every stage continues from
+# its last checkpoint; finished stages are skipped. Work goes to $SD_RS_WORK (default
+# ~/sd-rs-runs), outside the repository, so a fresh checkout keeps it.
+#
+#   scripts/train_default_model.sh                 # everything, on the default device
+#   SD_RS_DEVICE=cuda:0 scripts/train_default_model.sh
+#   SD_RS_BIN=/path/to/sd-rs scripts/train_default_model.sh   # use a prebuilt binary
+set -euo pipefail
+cd "$(dirname "$0")/.."
+WORK="${SD_RS_WORK:-$HOME/sd-rs-runs}"
+DEVICE="${SD_RS_DEVICE:-auto}"
+DATA="$WORK/avatars"
+VAE="$WORK/anime-vae"
+MODEL="$WORK/anime"
+mkdir -p "$WORK"
+
+if [ ! -f "$DATA/data.jsonl" ]; then
+  echo "== rendering the dataset into $DATA"
+  (cd scripts/avatars && npm ci --no-audit --no-fund)
+  node scripts/avatars/render.mjs --out "$DATA" --count 20000 --seed 0
+fi
+
+# SD_RS_BIN: a prebuilt sd-rs (e.g. a copy kept outside the tree); else build one.
+if [ -n "${SD_RS_BIN:-}" ]; then
+  SD="$SD_RS_BIN"
+else
+  cargo build --release
+  SD=target/release/sd-rs
+fi
+has_checkpoint() { ls "$1/checkpoints" 2>/dev/null | grep -q '^checkpoint-'; }
+
+if [ ! -f "$VAE/config.json" ]; then
+  echo "== training the VAE into $VAE"
+  resume=(); has_checkpoint "$VAE" && resume=(--resume)
+  "$SD" train-vae --config configs/sd-rs-anime/vae.toml --images "$DATA/data.jsonl" \
+    -o "$VAE" --device "$DEVICE" "${resume[@]}"
+fi
+
+echo "== training the U-Net and text encoder into $MODEL"
+resume=(); has_checkpoint "$MODEL" && resume=(--resume)
+"$SD" train --config configs/sd-rs-anime/unet.toml --captions "$DATA/data.jsonl" --vae "$VAE" \
+  -o "$MODEL" --device "$DEVICE" --save-f16 "${resume[@]}"
+
+echo "== copying the model into models/sd-rs-anime"
+rm -rf models/sd-rs-anime.tmp && mkdir -p models/sd-rs-anime.tmp
+cp -r "$MODEL"/{model_index.json,unet,vae,text_encoder,tokenizer,scheduler} models/sd-rs-anime.tmp/
+rm -rf models/sd-rs-anime && mv models/sd-rs-anime.tmp models/sd-rs-anime
+du -sh models/sd-rs-anime
+
+echo "== measuring prompt following"
+SAMPLES="$WORK/eval-samples"
+rm -rf "$SAMPLES"
+for colour in red blonde black brown blue pink green white purple orange; do
+  "$SD" generate "anime girl, $colour hair" --num-images 20 --batch-size 10 --seed 1000 \
+    -o "$SAMPLES" --name-pattern "{prompt}-{seed}.png" --device "$DEVICE"
+done
+scripts/.venv/bin/python scripts/eval_prompt_following.py "$SAMPLES"
