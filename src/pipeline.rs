@@ -276,13 +276,13 @@ impl Pipeline {
         progress: &mut dyn FnMut(usize, usize),
     ) -> Result<GenerateOutput> {
         let (latents, x0_frames) = self.denoise(req, noise, progress)?;
-        let images = tensor_to_images(&self.decode(&latents)?)?;
+        let images = self.decode_each(&latents)?;
         let x0_strips = if x0_frames.is_empty() {
             Vec::new()
         } else {
             let frames: Vec<Vec<image::RgbImage>> = x0_frames
                 .iter()
-                .map(|x0| tensor_to_images(&self.decode(x0)?))
+                .map(|x0| self.decode_each(x0))
                 .collect::<Result<_>>()?;
             (0..req.seeds.len())
                 .map(|b| hstack(frames.iter().map(|f| &f[b])))
@@ -300,7 +300,7 @@ impl Pipeline {
         progress: &mut dyn FnMut(usize, usize),
     ) -> Result<(Tensor, Vec<Tensor>)> {
         let f = self.vae_scale_factor();
-        if req.width % f != 0 || req.height % f != 0 {
+        if !req.width.is_multiple_of(f) || !req.height.is_multiple_of(f) {
             bail!(
                 "size {}x{} must be a multiple of {f}",
                 req.width,
@@ -344,12 +344,16 @@ impl Pipeline {
             }
         };
 
-        // Per-image conditioning, repeated over the batch: [uncond x B, cond x B].
+        // The U-Net runs once per image, on that image's [uncond, cond] pair, exactly as a run
+        // of that image's seed alone does. One call on the whole batch would be faster, but
+        // candle folds the batch into its GEMMs' rows, which changes the float rounding (~1e-6)
+        // and flips 8-bit pixels: image i of a batch would not be byte-identical to a run of
+        // seed + i alone. The prompts are encoded and the sampler steps taken once per batch.
         let groups = if guidance { 2 } else { 1 };
-        let context = repeat_groups(&embeds.context, batch)?;
+        let context = &embeds.context;
         let added = match self.family {
             Family::Sdxl => Some(SdxlAddedCond {
-                text_embeds: repeat_groups(&embeds.pooled, batch)?,
+                text_embeds: embeds.pooled.clone(),
                 time_ids: Tensor::new(
                     &[
                         req.height as f32,
@@ -362,35 +366,43 @@ impl Pipeline {
                     &self.device,
                 )?
                 .reshape((1, 6))?
-                .repeat((groups * batch, 1))?,
+                .repeat((groups, 1))?,
             }),
             Family::StableDiffusion => None,
         };
 
-        let mut x0_frames: Vec<Tensor> = Vec::new();
         let total = timesteps.len() - start;
+        if let Some(bad) = req.show_x0.iter().find(|&&s| s == 0 || s > total) {
+            bail!("--show-x0 step {bad} is outside this run's steps 1..={total}");
+        }
+        let mut x0_frames: Vec<Tensor> = Vec::new();
         for (i, &t) in timesteps.iter().enumerate().skip(start) {
-            let model_in = sampler.scale_model_input(&latents, i)?;
-            let model_in = if guidance {
-                Tensor::cat(&[&model_in, &model_in], 0)?
-            } else {
-                model_in
-            };
-            let t_batch = Tensor::full(t as f32, groups * batch, &self.device)?;
-            let out = self.unet.forward(
-                &model_in.to_dtype(self.dtype)?,
-                &t_batch,
-                &context,
-                added.as_ref(),
-            )?;
-            let out = out.to_dtype(DType::F32)?;
-            let eps = if guidance {
-                let uncond = out.narrow(0, 0, batch)?;
-                let cond = out.narrow(0, batch, batch)?;
-                (&uncond + ((cond - &uncond)? * req.guidance_scale)?)?
-            } else {
-                out
-            };
+            let scaled = sampler.scale_model_input(&latents, i)?;
+            let t_groups = Tensor::full(t as f32, groups, &self.device)?;
+            let mut eps = Vec::with_capacity(batch);
+            for b in 0..batch {
+                let x = scaled.narrow(0, b, 1)?;
+                let model_in = if guidance {
+                    Tensor::cat(&[&x, &x], 0)?
+                } else {
+                    x
+                };
+                let out = self.unet.forward(
+                    &model_in.to_dtype(self.dtype)?,
+                    &t_groups,
+                    context,
+                    added.as_ref(),
+                )?;
+                let out = out.to_dtype(DType::F32)?;
+                eps.push(if guidance {
+                    let uncond = out.narrow(0, 0, 1)?;
+                    let cond = out.narrow(0, 1, 1)?;
+                    (&uncond + ((cond - &uncond)? * req.guidance_scale)?)?
+                } else {
+                    out
+                });
+            }
+            let eps = Tensor::cat(&eps, 0)?;
             latents = sampler.step(&eps, i, &latents, noise)?;
             if req.show_x0.contains(&(i - start + 1)) {
                 if let Some(x0) = sampler.predicted_original() {
@@ -411,6 +423,18 @@ impl Pipeline {
         }
     }
 
+    /// Latents -> 8-bit images, decoded one at a time so that an image does not depend on the
+    /// batch it was made in (see `denoise`).
+    fn decode_each(&self, latents: &Tensor) -> Result<Vec<image::RgbImage>> {
+        let mut images = Vec::new();
+        for b in 0..latents.dim(0)? {
+            images.append(&mut tensor_to_images(
+                &self.decode(&latents.narrow(0, b, 1)?)?,
+            )?);
+        }
+        Ok(images)
+    }
+
     /// Latents -> images in [-1, 1], (B, 3, H, W), f32.
     pub fn decode(&self, latents: &Tensor) -> Result<Tensor> {
         let images = self
@@ -418,17 +442,6 @@ impl Pipeline {
             .image_from_latents(&latents.to_dtype(self.vae_dtype())?)?;
         Ok(images.to_dtype(DType::F32)?)
     }
-}
-
-/// (G, ...) -> (G * batch, ...) with each group's row repeated `batch` times, matching the
-/// latents' layout [uncond x B, cond x B].
-fn repeat_groups(x: &Tensor, batch: usize) -> Result<Tensor> {
-    let groups = x.dim(0)?;
-    let rows: Vec<Tensor> = (0..groups)
-        .flat_map(|g| std::iter::repeat_n(g, batch))
-        .map(|g| x.narrow(0, g, 1))
-        .collect::<candle_core::Result<_>>()?;
-    Ok(Tensor::cat(&rows, 0)?)
 }
 
 fn model_name(dir: &Path) -> String {
@@ -452,7 +465,9 @@ fn model_name(dir: &Path) -> String {
 
 /// Reads an image file as 8-bit RGB.
 pub fn read_rgb(path: &Path) -> Result<image::RgbImage> {
-    Ok(image::open(path).with_context(|| format!("{} is not a readable image", path.display()))?.to_rgb8())
+    Ok(image::open(path)
+        .with_context(|| format!("{} is not a readable image", path.display()))?
+        .to_rgb8())
 }
 
 /// Reads an image file as a (1, 3, H, W) f32 tensor in [-1, 1] on the CPU.
@@ -467,7 +482,12 @@ fn resize_image_tensor(image: &Tensor, width: usize, height: usize) -> Result<Te
         return Ok(image.clone());
     }
     let rgb = tensor_to_images(image)?.remove(0);
-    let resized = image::imageops::resize(&rgb, width as u32, height as u32, image::imageops::FilterType::Lanczos3);
+    let resized = image::imageops::resize(
+        &rgb,
+        width as u32,
+        height as u32,
+        image::imageops::FilterType::Lanczos3,
+    );
     Ok(rgb_to_tensor(&resized)?.unsqueeze(0)?)
 }
 

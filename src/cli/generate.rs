@@ -2,7 +2,7 @@
 use crate::io::png_meta::{write_png, GenerationParams};
 use crate::io::prompt_file::{in_shard, parse_shard, read_prompt_file, PromptJob};
 use crate::pipeline::{GenerateRequest, Pipeline, PipelineDefaults};
-use crate::sampler::SamplerKind;
+use crate::sampler::{img2img_start_index, SamplerKind};
 use anyhow::{bail, Context, Result};
 use indicatif::{ProgressBar, ProgressStyle};
 use std::path::{Path, PathBuf};
@@ -52,7 +52,8 @@ pub struct GenerateArgs {
     #[arg(long, default_value_t = 1)]
     pub num_images: usize,
 
-    /// Images computed together (memory vs speed).
+    /// Images denoised together. They share the prompt encoding and sampler steps; the U-Net
+    /// still runs per image, so that each image equals the run of its seed alone.
     #[arg(long, default_value_t = 1)]
     pub batch_size: usize,
 
@@ -73,11 +74,13 @@ pub struct GenerateArgs {
     pub init_image: Option<PathBuf>,
 
     /// img2img: how much of the init image to repaint, 0..1.
-    #[arg(long, default_value_t = 0.75)]
+    // Negative numbers parse as values so `--strength -0.5` gets our range message, not clap's
+    // "unexpected argument".
+    #[arg(long, default_value_t = 0.75, allow_negative_numbers = true)]
     pub strength: f64,
 
     /// Read prompts from a file: one per line, AUTOMATIC1111 options or JSON Lines.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "from_png")]
     pub from_file: Option<PathBuf>,
 
     /// Run only shard i of n of the prompt file (e.g. 2/4), to split work across processes.
@@ -163,6 +166,8 @@ struct Request {
     num_images: Option<usize>,
     origin: String,
     line: Option<usize>,
+    /// The run-wide number of this request's first image, for `{index}` in file names.
+    first_index: usize,
 }
 
 fn random_seed() -> u64 {
@@ -189,35 +194,56 @@ pub fn plan_jobs(
         num_images: Some(args.num_images),
         origin: "prompt".into(),
         line: None,
+        first_index: 0,
     };
     if let Some(file) = &args.from_file {
         if args.prompt.is_some() {
             bail!("give either a PROMPT or --from-file, not both");
         }
         let shard = args.shard.as_deref().map(parse_shard).transpose()?;
-        let mut index = 0;
-        for entry in read_prompt_file(file)? {
+        let entries = read_prompt_file(file)?;
+        if entries.is_empty() {
+            bail!(
+                "{} has no prompts (only empty lines and # comments)",
+                file.display()
+            );
+        }
+        // Every line, good or bad, belongs to exactly one shard, and images are numbered over
+        // the whole file: the shards of a file together make the images of the whole file,
+        // under the same names, and report each bad line once.
+        let mut first_index = 0;
+        for (n, entry) in entries.into_iter().enumerate() {
+            let mine = shard.is_none_or(|s| in_shard(n, s));
             match entry {
                 Ok(job) => {
-                    if shard.is_none_or(|s| in_shard(index, s)) {
-                        requests.push(merge_prompt_job(&cli, job, file, args));
+                    let request = merge_prompt_job(&cli, job, file, args, first_index);
+                    first_index += request.num_images.unwrap_or(1);
+                    if mine {
+                        requests.push(request);
                     }
-                    index += 1;
                 }
-                Err(e) => skipped.push(SkippedLine {
+                Err(e) if mine => skipped.push(SkippedLine {
                     origin: format!("{}:{}", file.display(), e.line),
                     reason: e.message,
                 }),
+                Err(_) => {}
             }
         }
-        if requests.is_empty() && skipped.is_empty() {
-            bail!("{} has no prompts", file.display());
+        if let Some((i, n)) = shard.filter(|_| requests.is_empty() && skipped.is_empty()) {
+            eprintln!("shard {i}/{n} of {} has no prompts", file.display());
         }
     } else if let Some(png) = &args.from_png {
         let text = crate::io::png_meta::read_parameters(png)?
             .with_context(|| format!("{} has no generation parameters to re-run", png.display()))?;
         let p = GenerationParams::from_a1111(&text)
             .with_context(|| format!("reading {}", png.display()))?;
+        if let (Some(strength), None) = (p.denoising_strength, &args.init_image) {
+            eprintln!(
+                "warning: {} was made by img2img (denoising strength {strength}); without \
+                 --init-image this makes a new image from noise",
+                png.display()
+            );
+        }
         // The command line overrides what the PNG says, so a re-run can vary one setting.
         requests.push(Request {
             prompt: args.prompt.clone().unwrap_or(p.prompt),
@@ -235,6 +261,7 @@ pub fn plan_jobs(
             num_images: Some(args.num_images),
             origin: png.display().to_string(),
             line: None,
+            first_index: 0,
         });
     } else {
         if cli.prompt.is_empty() {
@@ -248,8 +275,10 @@ pub fn plan_jobs(
 
     let mut jobs = Vec::new();
     for request in requests {
-        match expand(&request, args, defaults, jobs.len()) {
+        match expand(&request, args, defaults) {
             Ok(mut more) => jobs.append(&mut more),
+            // A prompt-file line fails alone; a prompt or a PNG is the whole run.
+            Err(e) if args.from_file.is_none() => return Err(e),
             Err(e) => skipped.push(SkippedLine {
                 origin: request.origin.clone(),
                 reason: format!("{e:#}"),
@@ -259,7 +288,13 @@ pub fn plan_jobs(
     Ok((jobs, skipped))
 }
 
-fn merge_prompt_job(cli: &Request, job: PromptJob, file: &Path, args: &GenerateArgs) -> Request {
+fn merge_prompt_job(
+    cli: &Request,
+    job: PromptJob,
+    file: &Path,
+    args: &GenerateArgs,
+    first_index: usize,
+) -> Request {
     let num_images = job
         .batch_size
         .map(|b| b * job.n_iter.unwrap_or(1))
@@ -279,22 +314,18 @@ fn merge_prompt_job(cli: &Request, job: PromptJob, file: &Path, args: &GenerateA
         num_images: num_images.or(cli.num_images),
         origin: format!("{}:{}", file.display(), job.line),
         line: Some(job.line),
+        first_index,
     }
 }
 
-fn expand(
-    r: &Request,
-    args: &GenerateArgs,
-    defaults: &PipelineDefaults,
-    first_index: usize,
-) -> Result<Vec<ImageJob>> {
+fn expand(r: &Request, args: &GenerateArgs, defaults: &PipelineDefaults) -> Result<Vec<ImageJob>> {
     let width = r.width.unwrap_or(defaults.width);
     let height = r.height.unwrap_or(defaults.height);
-    if width % 8 != 0 || height % 8 != 0 || width == 0 || height == 0 {
+    if !is_valid_side(width) || !is_valid_side(height) {
         bail!(
-            "size {width}x{height} must be positive multiples of 8 (e.g. {}x{})",
-            width / 8 * 8 + 8,
-            height / 8 * 8 + 8
+            "size {width}x{height}: width and height must be positive multiples of 8 (e.g. {}x{})",
+            valid_side(width),
+            valid_side(height)
         );
     }
     let sampler = match &r.sampler {
@@ -304,6 +335,15 @@ fn expand(
     let steps = r.steps.unwrap_or(defaults.steps);
     if steps == 0 {
         bail!("--steps must be at least 1");
+    }
+    if args.init_image.is_some() && img2img_start_index(steps, args.strength) >= steps {
+        bail!(
+            "--strength {} leaves no denoising steps: img2img runs int({steps} x {}) = {} of \
+             the {steps} steps; raise --strength or --steps",
+            args.strength,
+            args.strength,
+            (steps as f64 * args.strength) as usize
+        );
     }
     let seed = match r.seed {
         None | Some(-1) => {
@@ -318,7 +358,7 @@ fn expand(
     Ok((0..n)
         .map(|i| {
             let seed = seed + i as u64;
-            let index = first_index + i;
+            let index = r.first_index + i;
             ImageJob {
                 prompt: r.prompt.clone(),
                 negative_prompt: r.negative_prompt.clone().unwrap_or_default(),
@@ -340,6 +380,19 @@ fn expand(
             }
         })
         .collect())
+}
+
+fn is_valid_side(pixels: usize) -> bool {
+    pixels > 0 && pixels.is_multiple_of(8)
+}
+
+/// The nearest valid side at or above `pixels`, for suggestions.
+fn valid_side(pixels: usize) -> usize {
+    if is_valid_side(pixels) {
+        pixels
+    } else {
+        (pixels / 8 + 1) * 8
+    }
 }
 
 /// `--output` ending in .png is a file (numbered when a run makes several images); anything
@@ -406,10 +459,97 @@ pub fn batches(jobs: &[ImageJob], batch_size: usize) -> Vec<&[ImageJob]> {
     out
 }
 
-pub fn run(args: GenerateArgs) -> Result<()> {
+/// Checks what can be checked without the model, so a mistake costs no model load.
+fn check_args(args: &GenerateArgs) -> Result<()> {
     if !(0.0..=1.0).contains(&args.strength) {
         bail!("--strength {} must be between 0 and 1", args.strength);
     }
+    if args.from_file.is_some() && args.prompt.is_some() {
+        bail!("give either a PROMPT or --from-file, not both");
+    }
+    let has_prompt = args.prompt.as_deref().is_some_and(|p| !p.trim().is_empty());
+    if !has_prompt && args.from_file.is_none() && args.from_png.is_none() {
+        bail!(
+            "no prompt: give one, e.g. sd-rs generate \"anime girl, red hair\", or use \
+             --from-file / --from-png"
+        );
+    }
+    if let Some(spec) = &args.shard {
+        parse_shard(spec)?;
+    }
+    if args.num_images == 0 || args.batch_size == 0 {
+        bail!("--num-images and --batch-size must be at least 1");
+    }
+    if args.steps == Some(0) {
+        bail!("--steps must be at least 1");
+    }
+    if let Some(seed) = args.seed.filter(|&s| s < -1) {
+        bail!("--seed {seed} is negative; use -1 for a random seed");
+    }
+    if let Some(name) = &args.sampler {
+        SamplerKind::from_str(name)?;
+    }
+    for (flag, value) in [("--width", args.width), ("--height", args.height)] {
+        if let Some(v) = value.filter(|&v| !is_valid_side(v)) {
+            bail!(
+                "{flag} {v} must be a positive multiple of 8 (e.g. {})",
+                valid_side(v)
+            );
+        }
+    }
+    if args.show_x0.contains(&0) {
+        bail!("--show-x0 counts steps from 1");
+    }
+    Ok(())
+}
+
+/// Makes sure images can be written where `--output` points before any work is done, so a
+/// typo fails in a second, not after the last image is computed.
+fn prepare_output(output: &Path) -> Result<()> {
+    let is_file = output
+        .extension()
+        .is_some_and(|e| e.eq_ignore_ascii_case("png"));
+    let dir = if is_file {
+        if output.is_dir() {
+            bail!("--output {} is a folder, not a PNG file", output.display());
+        }
+        output
+            .parent()
+            .filter(|p| !p.as_os_str().is_empty())
+            .unwrap_or(Path::new("."))
+    } else {
+        output
+    };
+    // A file where a folder should be is the usual mistake; name it.
+    if let Some(blocker) = dir
+        .ancestors()
+        .find(|a| !a.as_os_str().is_empty() && a.exists())
+        .filter(|a| !a.is_dir())
+    {
+        bail!(
+            "cannot write images to {}: {} is a file, not a folder",
+            dir.display(),
+            blocker.display()
+        );
+    }
+    std::fs::create_dir_all(dir)
+        .with_context(|| format!("cannot create the output folder {}", dir.display()))?;
+    let probe = dir.join(format!(".sd-rs-write-test-{}", std::process::id()));
+    std::fs::write(&probe, b"")
+        .with_context(|| format!("cannot write images to {}", dir.display()))?;
+    let _ = std::fs::remove_file(&probe);
+    Ok(())
+}
+
+pub fn run(args: GenerateArgs) -> Result<()> {
+    check_args(&args)?;
+    prepare_output(&args.output)?;
+    let init_image = args
+        .init_image
+        .as_deref()
+        .map(crate::pipeline::load_image)
+        .transpose()
+        .context("reading --init-image")?;
     let device = crate::device::select_device(&args.device.parse()?)?;
     let dtype = crate::device::parse_dtype(&args.dtype, &device)?;
     let variant = (dtype != candle_core::DType::F32).then_some("fp16");
@@ -435,11 +575,6 @@ pub fn run(args: GenerateArgs) -> Result<()> {
             existing.len()
         );
     }
-    let init_image = args
-        .init_image
-        .as_deref()
-        .map(|p| crate::pipeline::load_image(p))
-        .transpose()?;
 
     let bar = ProgressBar::new(todo.len() as u64);
     bar.set_style(
@@ -469,15 +604,17 @@ pub fn run(args: GenerateArgs) -> Result<()> {
         if warned.insert(job.prompt.clone()) {
             let unknown = pipeline.unknown_words(&job.prompt);
             if !unknown.is_empty() {
-                bar.suspend(|| eprintln!(
-                    "warning: {}: the model does not know {}; generating without them",
-                    job.origin,
-                    unknown
-                        .iter()
-                        .map(|w| format!("{w:?}"))
-                        .collect::<Vec<_>>()
-                        .join(", ")
-                ));
+                bar.suspend(|| {
+                    eprintln!(
+                        "warning: {}: the model does not know {}; generating without them",
+                        job.origin,
+                        unknown
+                            .iter()
+                            .map(|w| format!("{w:?}"))
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    )
+                });
             }
         }
         let result = pipeline.generate(&request, &mut |_step, _total| bar.tick());

@@ -15,6 +15,7 @@
 pub mod checkpoint;
 pub mod data;
 pub mod ema;
+pub mod init;
 pub mod latent_cache;
 pub mod lr;
 pub mod metrics;
