@@ -15,24 +15,25 @@
 //! (`sd-rs train-vae`) and the noise schedule; a word-level tokenizer is built from the captions.
 //! With `--model`, a diffusers Stable Diffusion model is fine-tuned (its text encoder frozen
 //! unless `train_text_encoder = true`).
-use super::train_common::{load_dataset, read_toml, OptimOptions, Run};
+use super::train_common::{check_fresh_output, load_dataset, read_toml, OptimOptions, Run};
 use crate::io::model_dir::ModelIndex;
 use crate::model::clip::{ClipTextConfig, ClipTextModel, ContextLayer};
 use crate::model::tokenizer::{ids_tensor, PromptTokenizer};
 use crate::model::unet::{UNet2DConditionConfig, UNet2DConditionModel};
 use crate::model::vae::{AutoencoderKL, AutoencoderKLConfig};
 use crate::model::weights::{
-    diffusers_config_json, find_weight_files, load_component, load_varmap_from_component, save_component,
-    save_safetensors_atomic, varmap_tensors,
+    diffusers_config_json, find_weight_files, load_component, load_varmap_from_component,
+    save_component, save_safetensors_atomic, varmap_tensors,
 };
 use crate::pipeline::{image_grid, GenerateRequest, Pipeline};
 use crate::sampler::SamplerKind;
 use crate::schedule::{NoiseSchedule, PredictionType, SchedulerConfig};
 use crate::train::data::{BatchConfig, Batcher, CropMode, Loader};
+use crate::train::init::seeded_var_builder;
 use crate::train::latent_cache::{file_identity, sample_latent, CacheSettings, LatentCache};
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor};
-use candle_nn::{VarBuilder, VarMap};
+use candle_nn::VarMap;
 use indicatif::ProgressBar;
 use rand::Rng;
 use serde::{Deserialize, Serialize};
@@ -99,8 +100,10 @@ pub struct TrainArgs {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TrainConfig {
-    #[serde(default = "default_resolution")]
-    pub resolution: u32,
+    /// Side of the square training images; by default the model's native size (the U-Net's
+    /// `sample_size` times the VAE's downscale factor: 512 for SD 1.x).
+    #[serde(default)]
+    pub resolution: Option<u32>,
     #[serde(default)]
     pub random_flip: bool,
     /// Probability of training on the empty caption (for classifier-free guidance).
@@ -135,7 +138,13 @@ pub struct Validation {
 
 impl Default for Validation {
     fn default() -> Self {
-        Self { prompts: Vec::new(), seeds: vec![0, 1, 2, 3], steps: 20, guidance_scale: 4.0, sampler: "euler".into() }
+        Self {
+            prompts: Vec::new(),
+            seeds: vec![0, 1, 2, 3],
+            steps: 20,
+            guidance_scale: 4.0,
+            sampler: "euler".into(),
+        }
     }
 }
 
@@ -154,9 +163,6 @@ pub struct ScratchModel {
     pub scheduler: SchedulerConfig,
 }
 
-fn default_resolution() -> u32 {
-    512
-}
 fn default_caption_dropout() -> f64 {
     0.1
 }
@@ -189,26 +195,36 @@ pub fn run(args: TrainArgs) -> Result<()> {
     t.seed = args.seed.unwrap_or(t.seed);
     let device = crate::device::select_device(&args.device.parse()?)?;
     eprintln!("device: {}", crate::device::describe_device(&device));
-    let items = Arc::new(load_dataset(&args.captions, args.strict)?);
-    std::fs::create_dir_all(&args.output).with_context(|| format!("creating {}", args.output.display()))?;
+    let items = load_dataset(&args.captions, args.strict)?;
+    std::fs::create_dir_all(&args.output)
+        .with_context(|| format!("creating {}", args.output.display()))?;
+    check_fresh_output(&args.output, args.resume)?;
 
     let c = components(&args, &cfg, &items)?;
     let train_text_encoder = cfg.train_text_encoder || c.init.is_none();
 
     // The frozen VAE encodes every image once; its latents are reused by later runs.
     let vae_files = find_weight_files(&c.vae_dir, None)?;
-    let (vae_cfg, vb) = load_component::<AutoencoderKLConfig>(&c.vae_dir, None, DType::F32, &device)?;
+    let (vae_cfg, vb) =
+        load_component::<AutoencoderKLConfig>(&c.vae_dir, None, DType::F32, &device)?;
     let vae = AutoencoderKL::new(vb, &vae_cfg)?;
+    let resolution = *cfg
+        .resolution
+        .get_or_insert_with(|| native_resolution(&c.unet_config, &vae_cfg));
     let mut identity: Vec<&Path> = vae_files.iter().map(|p| p.as_path()).collect();
     let vae_config_path = c.vae_dir.join("config.json");
     identity.push(&vae_config_path);
     let settings = CacheSettings {
-        resolution: cfg.resolution,
+        resolution,
         crop: CropMode::Center,
         flip: cfg.random_flip,
         encoder_id: format!("{} f32 moments", file_identity(&identity)?),
     };
-    let cache_dir = args.cache_dir.clone().unwrap_or_else(default_cache_dir).join("latents");
+    let cache_dir = args
+        .cache_dir
+        .clone()
+        .unwrap_or_else(default_cache_dir)
+        .join("latents");
     let cache = LatentCache::open(&cache_dir, settings)?;
     let bar = ProgressBar::new(items.len() as u64);
     bar.set_message("encoding images");
@@ -223,6 +239,13 @@ pub fn run(args: TrainArgs) -> Result<()> {
         |done, _| bar.set_position(done as u64),
     )?;
     bar.finish_and_clear();
+    for skipped in &report.skipped {
+        eprintln!(
+            "warning: skipped {}: {}",
+            skipped.path.display(),
+            skipped.error
+        );
+    }
     eprintln!(
         "latents: {} encoded, {} from the cache in {}, {} unreadable images skipped",
         report.encoded,
@@ -230,13 +253,36 @@ pub fn run(args: TrainArgs) -> Result<()> {
         cache_dir.display(),
         report.skipped.len()
     );
+    // Train on the images that were encoded, so unreadable ones are reported once, above.
+    let (usable, entries): (Vec<_>, Vec<_>) = items
+        .iter()
+        .zip(report.entries)
+        .filter_map(|(item, entry)| Some((item.clone(), Some(entry?))))
+        .unzip();
+    if usable.is_empty() {
+        bail!(
+            "none of the {} images of {} could be read (see the warnings above)",
+            items.len(),
+            args.captions.display()
+        );
+    }
+    let items = Arc::new(usable);
 
-    // The trained networks live in VarMaps so the optimizer can update them.
+    // The trained networks live in VarMaps so the optimizer can update them. Their initial
+    // weights come from the run's seed, so a run stopped and resumed ends where an
+    // uninterrupted one does (candle's CPU init is unseeded).
     let unet_vm = VarMap::new();
-    let unet = UNet2DConditionModel::new(VarBuilder::from_varmap(&unet_vm, DType::F32, &device), &c.unet_config)?;
+    let seed = cfg.train.seed;
+    let unet = UNet2DConditionModel::new(
+        seeded_var_builder(&unet_vm, seed, DType::F32, &device),
+        &c.unet_config,
+    )?;
     let te_vm = VarMap::new();
     let text_encoder = if train_text_encoder {
-        ClipTextModel::new(VarBuilder::from_varmap(&te_vm, DType::F32, &device), &c.text_config)?
+        ClipTextModel::new(
+            seeded_var_builder(&te_vm, seed, DType::F32, &device),
+            &c.text_config,
+        )?
     } else {
         let dir = c.init.as_ref().unwrap().join("text_encoder");
         let (cfg, vb) = load_component::<ClipTextConfig>(&dir, None, DType::F32, &device)?;
@@ -252,7 +298,13 @@ pub fn run(args: TrainArgs) -> Result<()> {
     if train_text_encoder {
         trained.push(("text_encoder".to_string(), te_vm.clone()));
     }
-    let mut run = Run::start(&args.output, cfg.train.clone(), trained, serde_json::to_value(&cfg)?, args.resume)?;
+    let mut run = Run::start(
+        &args.output,
+        cfg.train.clone(),
+        trained,
+        serde_json::to_value(&cfg)?,
+        args.resume,
+    )?;
 
     let schedule = NoiseSchedule::new(&c.scheduler)?;
     let n_train = schedule.num_train_timesteps() as u32;
@@ -262,17 +314,27 @@ pub fn run(args: TrainArgs) -> Result<()> {
         caption_dropout: cfg.caption_dropout,
         strict: args.strict,
     };
-    let batcher = Batcher::new(items.clone(), LatentCache::loader(report.entries, cfg.random_flip), batch_config, run.data)?;
+    let batcher = Batcher::new(
+        items,
+        LatentCache::loader(entries, cfg.random_flip),
+        batch_config,
+        run.data,
+    )?;
     let mut loader = Loader::spawn(batcher, 4)?;
 
     let gamma = cfg.min_snr_gamma;
     while !run.done() {
         let batch = loader.next_batch()?;
         for skipped in &batch.skipped {
-            run.println(format!("warning: skipped {}: {}", skipped.path.display(), skipped.error));
+            run.println(format!(
+                "warning: skipped {}: {}",
+                skipped.path.display(),
+                skipped.error
+            ));
         }
         let b = batch.indices.len();
-        let z0 = vae.scale_latents(&sample_latent(&batch.samples, &mut run.rng)?.to_device(&device)?)?;
+        let z0 =
+            vae.scale_latents(&sample_latent(&batch.samples, &mut run.rng)?.to_device(&device)?)?;
         let context = encode_captions(&c.tokenizer, &text_encoder, &batch.captions, &device)?;
 
         // The forward process in closed form, one timestep per sample.
@@ -288,8 +350,12 @@ pub fn run(args: TrainArgs) -> Result<()> {
         let target = schedule.training_target(&z0, &eps, &t)?;
         let per_sample = (prediction - target)?.sqr()?.flatten_from(1)?.mean(1)?;
         let loss = if gamma > 0.0 {
-            let weights: Vec<f32> =
-                steps.iter().map(|&t| min_snr_weight(schedule.snr(t as usize), gamma, schedule.prediction_type) as f32).collect();
+            let weights: Vec<f32> = steps
+                .iter()
+                .map(|&t| {
+                    min_snr_weight(schedule.snr(t as usize), gamma, schedule.prediction_type) as f32
+                })
+                .collect();
             (per_sample * Tensor::new(weights.as_slice(), &device)?)?.mean_all()?
         } else {
             per_sample.mean_all()?
@@ -300,14 +366,39 @@ pub fn run(args: TrainArgs) -> Result<()> {
             save_model_dir(&args.output, &run, &c, train_text_encoder, None)?;
             if !cfg.validation.prompts.is_empty() {
                 let path = validate(&args.output, &cfg.validation, run.step, &device)?;
-                run.println(format!("step {}: validation images in {}", run.step, path.display()));
+                run.println(format!(
+                    "step {}: validation images in {}",
+                    run.step,
+                    path.display()
+                ));
             }
         }
     }
     run.finish();
-    save_model_dir(&args.output, &run, &c, train_text_encoder, args.save_f16.then_some(DType::F16))?;
-    eprintln!("wrote the model to {}; try: sd-rs generate --model {} \"...\"", args.output.display(), args.output.display());
+    save_model_dir(
+        &args.output,
+        &run,
+        &c,
+        train_text_encoder,
+        args.save_f16.then_some(DType::F16),
+    )?;
+    eprintln!(
+        "wrote the model to {}; try: sd-rs generate --model {} \"...\"",
+        args.output.display(),
+        args.output.display()
+    );
     Ok(())
+}
+
+/// The image size a model was made for: the U-Net's latent `sample_size` (an int, or [h, w];
+/// 64 when absent, as SD 1.x) times how much the VAE shrinks images.
+fn native_resolution(unet: &UNet2DConditionConfig, vae: &AutoencoderKLConfig) -> u32 {
+    let latent = match &unet.sample_size {
+        Some(serde_json::Value::Number(n)) => n.as_u64(),
+        Some(serde_json::Value::Array(a)) => a.first().and_then(|v| v.as_u64()),
+        _ => None,
+    };
+    (latent.unwrap_or(64) as usize * vae.downscale_factor()) as u32
 }
 
 /// The min-SNR-gamma weight of a sample at `snr`, for the loss in the model's parameterisation:
@@ -323,10 +414,20 @@ pub fn min_snr_weight(snr: f64, gamma: f64, prediction: PredictionType) -> f64 {
 
 /// Captions -> the U-Net's context. Long captions are truncated to one window, as diffusers'
 /// training scripts do (prompts at sampling time are chunked instead).
-fn encode_captions(tokenizer: &PromptTokenizer, encoder: &ClipTextModel, captions: &[String], device: &Device) -> Result<Tensor> {
-    let tokens = captions.iter().map(|c| tokenizer.tokenize_truncated(c)).collect::<Result<Vec<_>>>()?;
+fn encode_captions(
+    tokenizer: &PromptTokenizer,
+    encoder: &ClipTextModel,
+    captions: &[String],
+    device: &Device,
+) -> Result<Tensor> {
+    let tokens = captions
+        .iter()
+        .map(|c| tokenizer.tokenize_truncated(c))
+        .collect::<Result<Vec<_>>>()?;
     let ids = ids_tensor(&tokens, device)?;
-    Ok(encoder.encode(&ids, ContextLayer::Final { clip_skip: 0 })?.context)
+    Ok(encoder
+        .encode(&ids, ContextLayer::Final { clip_skip: 0 })?
+        .context)
 }
 
 fn default_cache_dir() -> PathBuf {
@@ -335,16 +436,26 @@ fn default_cache_dir() -> PathBuf {
     }
     let base = std::env::var("XDG_CACHE_HOME")
         .map(PathBuf::from)
-        .unwrap_or_else(|_| PathBuf::from(std::env::var("HOME").unwrap_or_else(|_| ".".into())).join(".cache"));
+        .unwrap_or_else(|_| {
+            PathBuf::from(std::env::var("HOME").unwrap_or_else(|_| ".".into())).join(".cache")
+        });
     base.join("sd-rs")
 }
 
 /// Where each component comes from: a pretrained model (fine-tuning) or the config (scratch).
-fn components(args: &TrainArgs, cfg: &TrainConfig, items: &[crate::io::captions::CaptionedImage]) -> Result<Components> {
+fn components(
+    args: &TrainArgs,
+    cfg: &TrainConfig,
+    items: &[crate::io::captions::CaptionedImage],
+) -> Result<Components> {
     if let Some(model) = &args.model {
         let index = ModelIndex::read(model)?;
         if index.class_name != "StableDiffusionPipeline" {
-            bail!("{}: fine-tuning supports StableDiffusionPipeline models (SD 1.x/2.x), not {}", model.display(), index.class_name);
+            bail!(
+                "{}: fine-tuning supports StableDiffusionPipeline models (SD 1.x/2.x), not {}",
+                model.display(),
+                index.class_name
+            );
         }
         return Ok(Components {
             tokenizer: PromptTokenizer::from_dir(model.join("tokenizer"))?,
@@ -356,18 +467,22 @@ fn components(args: &TrainArgs, cfg: &TrainConfig, items: &[crate::io::captions:
             init: Some(model.clone()),
         });
     }
-    let scratch = cfg.model.as_ref().context("the config has no [model] section: add one to train from scratch, or pass --model")?;
-    let vae_dir = args
-        .vae
-        .clone()
-        .or_else(|| scratch.vae.clone())
-        .context("no VAE: set model.vae in the config or pass --vae (train one with `sd-rs train-vae`)")?;
+    let scratch = cfg.model.as_ref().context(
+        "the config has no [model] section: add one to train from scratch, or pass --model",
+    )?;
+    let vae_dir = args.vae.clone().or_else(|| scratch.vae.clone()).context(
+        "no VAE: set model.vae in the config or pass --vae (train one with `sd-rs train-vae`)",
+    )?;
     // The tokenizer is built once from the captions and kept with the run, so a resumed run
     // (even on edited captions) keeps the ids its text encoder learned.
     let tokenizer_dir = args.output.join("tokenizer");
     if !(args.resume && tokenizer_dir.join("tokenizer.json").is_file()) {
         let vocab = crate::train::vocab::build_vocab(items.iter().map(|i| i.caption.as_str()));
-        crate::train::vocab::write_word_tokenizer(&tokenizer_dir, &vocab, scratch.tokenizer_max_length)?;
+        crate::train::vocab::write_word_tokenizer(
+            &tokenizer_dir,
+            &vocab,
+            scratch.tokenizer_max_length,
+        )?;
         eprintln!("tokenizer: {} words from the captions", vocab.len() - 4);
     }
     let tokenizer = PromptTokenizer::from_dir(&tokenizer_dir)?;
@@ -375,7 +490,9 @@ fn components(args: &TrainArgs, cfg: &TrainConfig, items: &[crate::io::captions:
     text_config.vocab_size = tokenizer.vocab_size();
     text_config.max_position_embeddings = tokenizer.max_length();
     text_config.bos_token_id = tokenizer.bos_id();
-    text_config.eos_token_id = tokenizer.eos_id().context("the tokenizer has no end-of-text token")?;
+    text_config.eos_token_id = tokenizer
+        .eos_id()
+        .context("the tokenizer has no end-of-text token")?;
     text_config.pad_token_id = Some(tokenizer.pad_id());
     if text_config.architectures.is_empty() {
         text_config.architectures = vec!["CLIPTextModel".into()];
@@ -394,24 +511,44 @@ fn components(args: &TrainArgs, cfg: &TrainConfig, items: &[crate::io::captions:
 /// Writes the model as a diffusers directory into `out`: the EMA weights of what was trained,
 /// the frozen parts copied, and model_index.json last, so the folder only claims to be a model
 /// once every part is in place.
-fn save_model_dir(out: &Path, run: &Run, c: &Components, trained_text_encoder: bool, dtype: Option<DType>) -> Result<()> {
-    save_component(&out.join("unet"), "UNet2DConditionModel", &c.unet_config, &run.output_weights("unet")?, dtype)?;
+fn save_model_dir(
+    out: &Path,
+    run: &Run,
+    c: &Components,
+    trained_text_encoder: bool,
+    dtype: Option<DType>,
+) -> Result<()> {
+    save_component(
+        &out.join("unet"),
+        "UNet2DConditionModel",
+        &c.unet_config,
+        &run.output_weights("unet")?,
+        dtype,
+    )?;
 
     let te_dir = out.join("text_encoder");
     std::fs::create_dir_all(&te_dir)?;
     let mut te_config = serde_json::to_value(&c.text_config)?;
     te_config["model_type"] = "clip_text_model".into();
-    crate::io::write_atomic(&te_dir.join("config.json"), serde_json::to_string_pretty(&te_config)?.as_bytes())?;
+    crate::io::write_atomic(
+        &te_dir.join("config.json"),
+        serde_json::to_string_pretty(&te_config)?.as_bytes(),
+    )?;
     if trained_text_encoder {
         let weights = varmap_tensors(&run.output_weights("text_encoder")?);
         save_safetensors_atomic(&te_dir.join("model.safetensors"), &weights, dtype)?;
     } else {
-        copy_files(&find_weight_files(&c.init.as_ref().unwrap().join("text_encoder"), None)?, &te_dir)?;
+        copy_files(
+            &find_weight_files(&c.init.as_ref().unwrap().join("text_encoder"), None)?,
+            &te_dir,
+        )?;
     }
 
     let tok_dir = out.join("tokenizer");
     if c.tokenizer_dir != tok_dir {
-        let files: Vec<PathBuf> = std::fs::read_dir(&c.tokenizer_dir)?.filter_map(|e| e.ok().map(|e| e.path())).collect();
+        let files: Vec<PathBuf> = std::fs::read_dir(&c.tokenizer_dir)?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .collect();
         copy_files(&files, &tok_dir)?;
     }
     let vae_out = out.join("vae");
@@ -427,19 +564,34 @@ fn save_model_dir(out: &Path, run: &Run, c: &Components, trained_text_encoder: b
     }
     let sched_dir = out.join("scheduler");
     std::fs::create_dir_all(&sched_dir)?;
-    crate::io::write_atomic(&sched_dir.join("scheduler_config.json"), serde_json::to_string_pretty(&scheduler)?.as_bytes())?;
+    crate::io::write_atomic(
+        &sched_dir.join("scheduler_config.json"),
+        serde_json::to_string_pretty(&scheduler)?.as_bytes(),
+    )?;
 
-    let tokenizer_class = if c.tokenizer_dir.join("vocab.json").is_file() { "CLIPTokenizer" } else { "PreTrainedTokenizerFast" };
+    let tokenizer_class = if c.tokenizer_dir.join("vocab.json").is_file() {
+        "CLIPTokenizer"
+    } else {
+        "PreTrainedTokenizerFast"
+    };
     let mut index = diffusers_config_json("StableDiffusionPipeline", &serde_json::json!({}))?;
     index["unet"] = serde_json::json!(["diffusers", "UNet2DConditionModel"]);
     index["vae"] = serde_json::json!(["diffusers", "AutoencoderKL"]);
     index["text_encoder"] = serde_json::json!(["transformers", "CLIPTextModel"]);
     index["tokenizer"] = serde_json::json!(["transformers", tokenizer_class]);
-    index["scheduler"] = serde_json::json!(["diffusers", scheduler["_class_name"].as_str().unwrap_or("EulerDiscreteScheduler")]);
+    index["scheduler"] = serde_json::json!([
+        "diffusers",
+        scheduler["_class_name"]
+            .as_str()
+            .unwrap_or("EulerDiscreteScheduler")
+    ]);
     index["safety_checker"] = serde_json::json!([null, null]);
     index["feature_extractor"] = serde_json::json!([null, null]);
     index["requires_safety_checker"] = false.into();
-    crate::io::write_atomic(&out.join("model_index.json"), serde_json::to_string_pretty(&index)?.as_bytes())
+    crate::io::write_atomic(
+        &out.join("model_index.json"),
+        serde_json::to_string_pretty(&index)?.as_bytes(),
+    )
 }
 
 fn copy_files(files: &[PathBuf], dir: &Path) -> Result<()> {
@@ -490,7 +642,10 @@ mod tests {
         // Below gamma the eps weight is 1; above it gamma / snr.
         assert_eq!(min_snr_weight(2.0, 5.0, PredictionType::Epsilon), 1.0);
         assert_eq!(min_snr_weight(10.0, 5.0, PredictionType::Epsilon), 0.5);
-        assert_eq!(min_snr_weight(10.0, 5.0, PredictionType::VPrediction), 5.0 / 11.0);
+        assert_eq!(
+            min_snr_weight(10.0, 5.0, PredictionType::VPrediction),
+            5.0 / 11.0
+        );
         assert_eq!(min_snr_weight(10.0, 5.0, PredictionType::Sample), 5.0);
     }
 }

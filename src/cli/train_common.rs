@@ -2,11 +2,13 @@
 //! `Run` that owns the boring parts of a training loop (progress bar, metrics log,
 //! checkpoints, resume, NaN guard), so each loop file shows only its objective.
 use crate::io::captions::{read_captions, CaptionedImage};
-use crate::train::checkpoint::{CheckpointParts, Checkpoints, RngState, TrainState};
+use crate::train::checkpoint::{Checkpoint, CheckpointParts, Checkpoints, RngState, TrainState};
 use crate::train::data::DataPosition;
 use crate::train::ema::{Ema, EmaConfig};
 use crate::train::lr::{LrSchedule, LrScheduleKind};
-use crate::train::metrics::{check_finite, unix_time, MetricsLog, MetricsRecord, SmoothedLoss};
+use crate::train::metrics::{
+    check_finite, read_metrics, unix_time, MetricsLog, MetricsRecord, SmoothedLoss,
+};
 use crate::train::optim::{clip_grad_norm, AdamW, AdamWConfig, GradAccumulator, ParamGrads};
 use anyhow::{bail, Context, Result};
 use candle_nn::VarMap;
@@ -125,6 +127,99 @@ pub fn load_dataset(source: &Path, strict: bool) -> Result<Vec<CaptionedImage>> 
     Ok(set.items)
 }
 
+/// Refuses to start a fresh run (no `resume`) in a directory holding another run's checkpoints.
+/// Call it before writing anything there (the from-scratch tokenizer, say), so that a forgotten
+/// --resume leaves the old run as it was.
+pub fn check_fresh_output(output: &Path, resume: bool) -> Result<()> {
+    if !resume
+        && !Checkpoints::new(&output.join("checkpoints"), 1)
+            .list()?
+            .is_empty()
+    {
+        bail!(
+            "{} already holds checkpoints of a run: pass --resume to continue it, or choose another --output",
+            output.display()
+        );
+    }
+    Ok(())
+}
+
+/// Loads the newest checkpoint that opens and loads into the run's weights, optimizer and EMA,
+/// warning about each newer one passed over (e.g. damaged by a full disk or a bad copy).
+fn resume_from(
+    checkpoints: &Checkpoints,
+    weights: &[(String, VarMap)],
+    optimizer: &mut AdamW,
+    mut ema: Option<&mut Ema>,
+) -> Result<Checkpoint> {
+    let found = checkpoints.list()?;
+    if found.is_empty() {
+        bail!(
+            "--resume: no checkpoint in {} to continue from (run without --resume to start)",
+            checkpoints.root().display()
+        );
+    }
+    for (_, dir) in found.iter().rev() {
+        // A failed load leaves partly set weights; the next checkpoint's load sets them all.
+        let loaded = Checkpoint::open(dir).and_then(|ckpt| {
+            for (name, vm) in weights {
+                ckpt.load_weights(name, vm)?;
+            }
+            ckpt.load_optimizer(optimizer)?;
+            if let Some(ema) = ema.as_deref_mut() {
+                ckpt.load_ema(ema)?;
+            }
+            Ok(ckpt)
+        });
+        match loaded {
+            Ok(ckpt) => return Ok(ckpt),
+            Err(e) => eprintln!("warning: skipping a damaged checkpoint: {e:#}"),
+        }
+    }
+    bail!(
+        "--resume: none of the {} checkpoints in {} could be loaded (see the warnings above)",
+        found.len(),
+        checkpoints.root().display()
+    )
+}
+
+/// The settings that differ between the config a run was saved with and the current one, as
+/// "path: old -> new". `train.steps` is left out: a resumed run commonly extends the step count.
+pub fn config_changes(old: &serde_json::Value, new: &serde_json::Value) -> Vec<String> {
+    fn walk(path: &str, old: &serde_json::Value, new: &serde_json::Value, out: &mut Vec<String>) {
+        if path == "train.steps" || old == new {
+            return;
+        }
+        if let (Some(a), Some(b)) = (old.as_object(), new.as_object()) {
+            let mut keys: Vec<&String> = a.keys().chain(b.keys()).collect();
+            keys.sort();
+            keys.dedup();
+            let null = serde_json::Value::Null;
+            for k in keys {
+                let sub = if path.is_empty() {
+                    k.clone()
+                } else {
+                    format!("{path}.{k}")
+                };
+                walk(
+                    &sub,
+                    a.get(k).unwrap_or(&null),
+                    b.get(k).unwrap_or(&null),
+                    out,
+                );
+            }
+        } else {
+            out.push(format!(
+                "{}: {old} -> {new}",
+                if path.is_empty() { "config" } else { path }
+            ));
+        }
+    }
+    let mut out = Vec::new();
+    walk("", old, new, &mut out);
+    out
+}
+
 /// One training run: optimizer, EMA, RNG, data position and everything around the loop.
 pub struct Run {
     pub opts: OptimOptions,
@@ -143,7 +238,12 @@ pub struct Run {
     accumulator: GradAccumulator,
     bar: ProgressBar,
     last_log: (Instant, u64),
+    /// The newest checkpoint written or resumed from, named when a NaN stops the run.
+    last_checkpoint: Option<PathBuf>,
 }
+
+/// Weight of the past in the smoothed loss of the progress bar and metrics (about 50 steps).
+const SMOOTHING: f64 = 0.98;
 
 impl Run {
     /// Sets up a run writing into `output`; with `resume`, continues from its latest checkpoint.
@@ -186,37 +286,24 @@ impl Run {
         let mut rng = ChaCha8Rng::seed_from_u64(opts.seed);
         let mut data = DataPosition::default();
         let mut step = 0;
+        let mut last_checkpoint = None;
         if resume {
-            let latest = checkpoints.latest()?;
-            for why in &latest.rejected {
-                eprintln!("warning: skipping a damaged checkpoint: {why}");
-            }
-            let Some(ckpt) = latest.found else {
-                bail!(
-                    "--resume: no usable checkpoint in {}",
-                    checkpoints.root().display()
-                );
-            };
-            for (name, vm) in &weights {
-                ckpt.load_weights(name, vm)?;
-            }
-            ckpt.load_optimizer(&mut optimizer)?;
-            if let Some(ema) = ema.as_mut() {
-                ckpt.load_ema(ema)?;
-            }
+            let ckpt = resume_from(&checkpoints, &weights, &mut optimizer, ema.as_mut())?;
             let state = &ckpt.state;
-            if state.config != config {
-                eprintln!("warning: the config differs from the one the run started with; continuing with the new one");
+            let changes = config_changes(&state.config, &config);
+            if !changes.is_empty() {
+                eprintln!(
+                    "warning: the config differs from the one the run started with ({}); continuing with the new one",
+                    changes.join(", ")
+                );
             }
             rng = state.rng.restore()?;
             data = state.data;
             step = state.step;
             eprintln!("resumed from {} at step {step}", ckpt.dir.display());
-        } else if checkpoints.list()?.first().is_some() {
-            bail!(
-                "{} already holds checkpoints of a run: pass --resume to continue it, or choose another --output",
-                output.display()
-            );
+            last_checkpoint = Some(ckpt.dir);
+        } else {
+            check_fresh_output(output, resume)?;
         }
         let schedule = LrSchedule {
             kind: opts.lr_schedule,
@@ -225,7 +312,17 @@ impl Run {
             total_steps: opts.steps,
             min_lr_ratio: opts.min_lr_ratio,
         };
-        let metrics = MetricsLog::open(&output.join("metrics.jsonl"), resume.then_some(step))?;
+        // A fresh run starts a fresh log (step 0 keeps nothing); a resumed one drops what was
+        // logged after its checkpoint and carries on the smoothed loss from its last record.
+        let metrics_path = output.join("metrics.jsonl");
+        let metrics = MetricsLog::open(&metrics_path, Some(step))?;
+        let smoothed = match read_metrics(&metrics_path)
+            .ok()
+            .and_then(|r| r.last().cloned())
+        {
+            Some(last) if resume => SmoothedLoss::resume(SMOOTHING, last.smoothed_loss, step),
+            _ => SmoothedLoss::new(SMOOTHING),
+        };
         let bar = ProgressBar::new(opts.steps);
         bar.set_style(
             ProgressStyle::with_template(
@@ -246,10 +343,11 @@ impl Run {
             weights,
             config,
             metrics,
-            smoothed: SmoothedLoss::new(0.98),
+            smoothed,
             accumulator: GradAccumulator::new(),
             bar,
             last_log: (Instant::now(), step),
+            last_checkpoint,
         })
     }
 
@@ -269,7 +367,7 @@ impl Run {
         grads: ParamGrads,
         data_after: DataPosition,
     ) -> Result<bool> {
-        check_finite(self.step + 1, "loss", loss).context("the last good checkpoint is kept")?;
+        self.guard(check_finite(self.step + 1, "loss", loss))?;
         if self.step == 0 && self.accumulator.count() == 0 {
             let missing = self.optimizer.without_grad(&grads);
             if !missing.is_empty() {
@@ -286,8 +384,7 @@ impl Run {
         } else {
             crate::train::optim::grad_norm(&grads)?
         };
-        check_finite(self.step + 1, "gradient norm", grad_norm)
-            .context("the last good checkpoint is kept")?;
+        self.guard(check_finite(self.step + 1, "gradient norm", grad_norm))?;
         let lr = self.schedule.lr(self.step);
         self.optimizer.step(&grads, lr)?;
         if let Some(ema) = self.ema.as_mut() {
@@ -309,7 +406,7 @@ impl Run {
                 / elapsed.max(1e-9);
         self.bar
             .set_message(format!("loss {smoothed:.4} ({samples_per_sec:.1} img/s)"));
-        if self.step % self.opts.log_every.max(1) == 0 || self.done() {
+        if self.step.is_multiple_of(self.opts.log_every.max(1)) || self.done() {
             self.metrics.write(&MetricsRecord {
                 step: self.step,
                 loss,
@@ -321,13 +418,24 @@ impl Run {
             })?;
             self.last_log = (Instant::now(), self.step);
         }
-        if self.step % self.opts.checkpoint_every.max(1) == 0 || self.done() {
+        if self.step.is_multiple_of(self.opts.checkpoint_every.max(1)) || self.done() {
             self.checkpoint()?;
         }
         Ok(true)
     }
 
-    pub fn checkpoint(&self) -> Result<PathBuf> {
+    /// Adds where the run can be continued from to a NaN/Inf stop.
+    fn guard(&self, finite: Result<()>) -> Result<()> {
+        finite.map_err(|e| match &self.last_checkpoint {
+            Some(dir) => anyhow::anyhow!(
+                "{e:#}; the last good checkpoint, {}, is kept (continue from it with --resume)",
+                dir.display()
+            ),
+            None => anyhow::anyhow!("{e:#}; no checkpoint had been written yet"),
+        })
+    }
+
+    pub fn checkpoint(&mut self) -> Result<PathBuf> {
         let state = TrainState {
             step: self.step,
             rng: RngState::capture(&self.rng),
@@ -341,12 +449,15 @@ impl Run {
             optimizer: &self.optimizer,
             ema: self.ema.as_ref(),
         };
-        self.checkpoints.save(&state, &parts)
+        let dir = self.checkpoints.save(&state, &parts)?;
+        self.last_checkpoint = Some(dir.clone());
+        Ok(dir)
     }
 
     /// Whether validation images are due after the step just made.
     pub fn validation_due(&self) -> bool {
-        self.opts.validate_every > 0 && (self.step % self.opts.validate_every == 0 || self.done())
+        self.opts.validate_every > 0
+            && (self.step.is_multiple_of(self.opts.validate_every) || self.done())
     }
 
     /// The weights to publish for model `name`: the EMA ones when there is an EMA.
@@ -384,5 +495,27 @@ impl Run {
 
     pub fn finish(&self) {
         self.bar.finish_and_clear();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn config_changes_name_each_setting_but_the_step_count() {
+        let old = json!({"resolution": 64, "train": {"steps": 100, "learning_rate": 1e-4}, "model": {"unet": {"layers": [1, 2]}}});
+        let longer = json!({"resolution": 64, "train": {"steps": 500, "learning_rate": 1e-4}, "model": {"unet": {"layers": [1, 2]}}});
+        assert!(config_changes(&old, &longer).is_empty());
+        let changed = json!({"resolution": 64, "train": {"steps": 500, "learning_rate": 2e-4, "seed": 3}, "model": {"unet": {"layers": [1, 3]}}});
+        assert_eq!(
+            config_changes(&old, &changed),
+            vec![
+                "model.unet.layers: [1,2] -> [1,3]".to_string(),
+                "train.learning_rate: 0.0001 -> 0.0002".to_string(),
+                "train.seed: null -> 3".to_string(),
+            ]
+        );
     }
 }

@@ -10,7 +10,8 @@ use crate::model::vae::{AutoencoderKL, AutoencoderKLConfig};
 use crate::model::weights::{load_varmap_from_component, save_component};
 use crate::pipeline::{image_grid, tensor_to_images};
 use crate::train::data::{image_loader, BatchConfig, Batcher, CropMode, ImageTransform, Loader};
-use anyhow::Result;
+use crate::train::init::seeded_var_builder;
+use anyhow::{Context, Result};
 use candle_core::{DType, Device, Tensor};
 use candle_nn::{VarBuilder, VarMap};
 use serde::{Deserialize, Serialize};
@@ -100,10 +101,12 @@ pub fn run(args: TrainVaeArgs) -> Result<()> {
     let device = crate::device::select_device(&args.device.parse()?)?;
     eprintln!("device: {}", crate::device::describe_device(&device));
     let items = load_dataset(&args.images, args.strict)?;
+    std::fs::create_dir_all(&args.output)
+        .with_context(|| format!("creating {}", args.output.display()))?;
 
     let varmap = VarMap::new();
     let vae = AutoencoderKL::new(
-        VarBuilder::from_varmap(&varmap, DType::F32, &device),
+        seeded_var_builder(&varmap, cfg.train.seed, DType::F32, &device),
         &cfg.vae,
     )?;
     if let Some(init) = &args.init {
@@ -235,7 +238,7 @@ fn measure_scaling_factor(
         Default::default(),
     )?;
     let mut means = Vec::new();
-    for _ in 0..(256 / 16).max(1).min(items.len().div_ceil(16)) {
+    for _ in 0..(256 / 16).min(items.len().div_ceil(16)) {
         let x = batcher.next_batch()?.samples.to_device(device)?;
         means.push(vae.encode(&x)?.mean.flatten_all()?);
     }

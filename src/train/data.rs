@@ -370,11 +370,13 @@ impl Batcher {
                     }
                     Err(e) => {
                         failures_in_a_row += 1;
-                        self.bad.insert(index);
-                        skipped.push(SkippedSample {
-                            path: item.path.clone(),
-                            error: format!("{e:#}"),
-                        });
+                        // A batch running across an epoch end can hold the same item twice.
+                        if self.bad.insert(index) {
+                            skipped.push(SkippedSample {
+                                path: item.path.clone(),
+                                error: format!("{e:#}"),
+                            });
+                        }
                         if failures_in_a_row >= self.items.len() {
                             bail!(
                                 "none of the {} images of the dataset could be read",

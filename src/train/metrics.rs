@@ -127,6 +127,20 @@ impl SmoothedLoss {
         }
     }
 
+    /// Carries on a smoothed loss that was `value` after `count` updates (a resumed run's last
+    /// logged value): the bias correction is undone, so the next values continue the same curve.
+    pub fn resume(beta: f64, value: f64, count: u64) -> Self {
+        if count == 0 || !value.is_finite() {
+            return Self::new(beta);
+        }
+        let correction = 1.0 - beta.powi(count.min(i32::MAX as u64) as i32);
+        Self {
+            beta,
+            average: value * correction,
+            count,
+        }
+    }
+
     /// Adds a value and returns the smoothed value.
     pub fn update(&mut self, value: f64) -> f64 {
         self.count += 1;
