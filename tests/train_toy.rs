@@ -3,6 +3,7 @@
 //! diffusion loss must fall well below its start, and images generated for "red" and "blue"
 //! must be red and blue (mean colour), so the text conditioning works.
 use sd_rs::cli::train::TrainArgs;
+use sd_rs::cli::train_common::RunArgs;
 use sd_rs::cli::train_vae::TrainVaeArgs;
 use sd_rs::pipeline::{GenerateRequest, Pipeline};
 use sd_rs::sampler::SamplerKind;
@@ -102,6 +103,21 @@ fn mean_rgb(img: &image::RgbImage) -> [f64; 3] {
     sum.map(|s| s / n)
 }
 
+fn run_args(config: &Path, output: PathBuf, resume: bool, steps: Option<u64>) -> RunArgs {
+    RunArgs {
+        config: Some(config.to_path_buf()),
+        set: Vec::new(),
+        output,
+        resume,
+        steps,
+        batch_size: None,
+        learning_rate: None,
+        seed: None,
+        strict: true,
+        device: "cpu".into(),
+    }
+}
+
 #[test]
 fn tiny_model_learns_colour_words() {
     let root = Path::new(env!("CARGO_TARGET_TMPDIR")).join("train_toy");
@@ -112,34 +128,18 @@ fn tiny_model_learns_colour_words() {
 
     sd_rs::cli::train_vae::run(TrainVaeArgs {
         images: captions.clone(),
-        config: Some(root.join("vae.toml")),
         init: None,
-        output: root.join("vae"),
-        resume: false,
-        steps: None,
-        batch_size: None,
-        learning_rate: None,
-        seed: None,
-        strict: true,
-        device: "cpu".into(),
+        run: run_args(&root.join("vae.toml"), root.join("vae"), false, None),
     })
     .unwrap();
 
     let unet_args = |resume: bool, steps: u64| TrainArgs {
         captions: captions.clone(),
-        config: Some(root.join("unet.toml")),
         model: None,
         vae: Some(root.join("vae")),
-        output: root.join("model"),
-        resume,
-        steps: Some(steps),
-        batch_size: None,
-        learning_rate: None,
-        seed: None,
         cache_dir: Some(root.join("cache")),
-        strict: true,
         save_f16: false,
-        device: "cpu".into(),
+        run: run_args(&root.join("unet.toml"), root.join("model"), resume, Some(steps)),
     };
     // Train half, then resume to the end: the resumed run continues the same run.
     sd_rs::cli::train::run(unet_args(false, 150)).unwrap();

@@ -2,6 +2,7 @@
 use anyhow::Result;
 use clap::{Parser, Subcommand};
 
+pub mod bench;
 pub mod generate;
 pub mod info;
 pub mod noise_strip;
@@ -35,6 +36,9 @@ pub enum Command {
     Info(info::InfoArgs),
     /// Write the forward-noising strip x_t = sqrt(abar_t) x0 + sqrt(1-abar_t) eps of an image.
     NoiseStrip(noise_strip::NoiseStripArgs),
+    /// Time one piece of work (U-Net step, VAE decode, text, generate, train step, load) and
+    /// print one JSON line; scripts/bench.py compares it with diffusers.
+    Bench(bench::BenchArgs),
 }
 
 pub fn run(cli: Cli) -> Result<()> {
@@ -44,5 +48,6 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::TrainVae(args) => train_vae::run(args),
         Command::Info(args) => info::run(args),
         Command::NoiseStrip(args) => noise_strip::run(args),
+        Command::Bench(args) => bench::run(args),
     }
 }

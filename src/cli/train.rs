@@ -15,7 +15,7 @@
 //! (`sd-rs train-vae`) and the noise schedule; a word-level tokenizer is built from the captions.
 //! With `--model`, a diffusers Stable Diffusion model is fine-tuned (its text encoder frozen
 //! unless `train_text_encoder = true`).
-use super::train_common::{check_fresh_output, load_dataset, read_toml, OptimOptions, Run};
+use super::train_common::{RunArgs, check_fresh_output, load_dataset, read_toml, OptimOptions, Run};
 use crate::io::model_dir::ModelIndex;
 use crate::model::clip::{ClipTextConfig, ClipTextModel, ContextLayer};
 use crate::model::tokenizer::{ids_tensor, PromptTokenizer};
@@ -47,10 +47,6 @@ pub struct TrainArgs {
     #[arg(long)]
     pub captions: PathBuf,
 
-    /// A training config (TOML, see configs/); the options below override it.
-    #[arg(long)]
-    pub config: Option<PathBuf>,
-
     /// Fine-tune this diffusers model directory instead of training from scratch.
     #[arg(long)]
     pub model: Option<PathBuf>,
@@ -60,40 +56,17 @@ pub struct TrainArgs {
     #[arg(long)]
     pub vae: Option<PathBuf>,
 
-    /// Where the trained model directory (diffusers layout) is written, with its checkpoints,
-    /// metrics.jsonl and validation images (samples/).
-    #[arg(long, short = 'o')]
-    pub output: PathBuf,
-
-    /// Continue the run whose checkpoints are in --output.
-    #[arg(long)]
-    pub resume: bool,
-
-    #[arg(long)]
-    pub steps: Option<u64>,
-    #[arg(long)]
-    pub batch_size: Option<usize>,
-    #[arg(long)]
-    pub learning_rate: Option<f64>,
-    #[arg(long)]
-    pub seed: Option<u64>,
-
     /// Where encoded latents are cached and reused across runs
     /// (default: $SD_RS_CACHE, else ~/.cache/sd-rs).
     #[arg(long)]
     pub cache_dir: Option<PathBuf>,
 
-    /// Stop at the first bad line or unreadable image instead of skipping it.
-    #[arg(long)]
-    pub strict: bool,
-
     /// Save the final weights in f16 (half the size; what the shipped model uses).
     #[arg(long)]
     pub save_f16: bool,
 
-    /// auto, cpu, cuda, cuda:N or metal.
-    #[arg(long, default_value = "auto")]
-    pub device: String,
+    #[command(flatten)]
+    pub run: RunArgs,
 }
 
 /// A training config file (configs/*.toml).
@@ -183,22 +156,18 @@ struct Components {
 }
 
 pub fn run(args: TrainArgs) -> Result<()> {
-    let mut cfg: TrainConfig = match &args.config {
-        Some(path) => read_toml(path)?,
-        None if args.model.is_some() => toml::from_str("")?,
+    let mut cfg: TrainConfig = match &args.run.config {
+        Some(path) => read_toml(Some(path), &args.run.set)?,
+        None if args.model.is_some() => read_toml(None, &args.run.set)?,
         None => bail!("training from scratch needs --config (see configs/sd-rs-anime/unet.toml); to fine-tune pass --model"),
     };
-    let t = &mut cfg.train;
-    t.steps = args.steps.unwrap_or(t.steps);
-    t.batch_size = args.batch_size.unwrap_or(t.batch_size);
-    t.learning_rate = args.learning_rate.unwrap_or(t.learning_rate);
-    t.seed = args.seed.unwrap_or(t.seed);
-    let device = crate::device::select_device(&args.device.parse()?)?;
+    args.run.apply(&mut cfg.train);
+    let device = crate::device::select_device(&args.run.device.parse()?)?;
     eprintln!("device: {}", crate::device::describe_device(&device));
-    let items = load_dataset(&args.captions, args.strict)?;
-    std::fs::create_dir_all(&args.output)
-        .with_context(|| format!("creating {}", args.output.display()))?;
-    check_fresh_output(&args.output, args.resume)?;
+    let items = load_dataset(&args.captions, args.run.strict)?;
+    std::fs::create_dir_all(&args.run.output)
+        .with_context(|| format!("creating {}", args.run.output.display()))?;
+    check_fresh_output(&args.run.output, args.run.resume)?;
 
     let c = components(&args, &cfg, &items)?;
     let train_text_encoder = cfg.train_text_encoder || c.init.is_none();
@@ -231,7 +200,7 @@ pub fn run(args: TrainArgs) -> Result<()> {
     let report = cache.prepare(
         &items,
         cfg.train.batch_size,
-        args.strict,
+        args.run.strict,
         |pixels| {
             let post = vae.encode(&pixels.to_device(&device)?)?;
             Ok(Tensor::cat(&[&post.mean, &post.logvar], 1)?.to_device(&Device::Cpu)?)
@@ -299,11 +268,11 @@ pub fn run(args: TrainArgs) -> Result<()> {
         trained.push(("text_encoder".to_string(), te_vm.clone()));
     }
     let mut run = Run::start(
-        &args.output,
+        &args.run.output,
         cfg.train.clone(),
         trained,
         serde_json::to_value(&cfg)?,
-        args.resume,
+        args.run.resume,
     )?;
 
     let schedule = NoiseSchedule::new(&c.scheduler)?;
@@ -312,7 +281,7 @@ pub fn run(args: TrainArgs) -> Result<()> {
         batch_size: cfg.train.batch_size,
         seed: cfg.train.seed,
         caption_dropout: cfg.caption_dropout,
-        strict: args.strict,
+        strict: args.run.strict,
     };
     let batcher = Batcher::new(
         items,
@@ -363,9 +332,9 @@ pub fn run(args: TrainArgs) -> Result<()> {
         let grads = run.optimizer.grads(&loss.backward()?);
         let loss_value = loss.to_scalar::<f32>()? as f64;
         if run.micro_step(loss_value, grads, batch.next)? && run.validation_due() {
-            save_model_dir(&args.output, &run, &c, train_text_encoder, None)?;
+            save_model_dir(&args.run.output, &run, &c, train_text_encoder, None)?;
             if !cfg.validation.prompts.is_empty() {
-                let path = validate(&args.output, &cfg.validation, run.step, &device)?;
+                let path = validate(&args.run.output, &cfg.validation, run.step, &device)?;
                 run.println(format!(
                     "step {}: validation images in {}",
                     run.step,
@@ -376,7 +345,7 @@ pub fn run(args: TrainArgs) -> Result<()> {
     }
     run.finish();
     save_model_dir(
-        &args.output,
+        &args.run.output,
         &run,
         &c,
         train_text_encoder,
@@ -384,8 +353,8 @@ pub fn run(args: TrainArgs) -> Result<()> {
     )?;
     eprintln!(
         "wrote the model to {}; try: sd-rs generate --model {} \"...\"",
-        args.output.display(),
-        args.output.display()
+        args.run.output.display(),
+        args.run.output.display()
     );
     Ok(())
 }
@@ -475,8 +444,8 @@ fn components(
     )?;
     // The tokenizer is built once from the captions and kept with the run, so a resumed run
     // (even on edited captions) keeps the ids its text encoder learned.
-    let tokenizer_dir = args.output.join("tokenizer");
-    if !(args.resume && tokenizer_dir.join("tokenizer.json").is_file()) {
+    let tokenizer_dir = args.run.output.join("tokenizer");
+    if !(args.run.resume && tokenizer_dir.join("tokenizer.json").is_file()) {
         let vocab = crate::train::vocab::build_vocab(items.iter().map(|i| i.caption.as_str()));
         crate::train::vocab::write_word_tokenizer(
             &tokenizer_dir,

@@ -19,6 +19,55 @@ use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
+/// The options `train` and `train-vae` share.
+#[derive(clap::Args, Debug, Clone)]
+pub struct RunArgs {
+    /// A training config (TOML, see configs/); the options below override it.
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+
+    /// Override any config option: KEY=VALUE with a dotted key, e.g.
+    /// `--set train.warmup_steps=200 --set model.unet.block_out_channels=[32,64]` (repeatable).
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    pub set: Vec<String>,
+
+    /// Where the trained model is written, with its checkpoints, metrics.jsonl and validation
+    /// images (samples/).
+    #[arg(long, short = 'o')]
+    pub output: PathBuf,
+
+    /// Continue the run whose checkpoints are in --output.
+    #[arg(long)]
+    pub resume: bool,
+
+    #[arg(long)]
+    pub steps: Option<u64>,
+    #[arg(long)]
+    pub batch_size: Option<usize>,
+    #[arg(long)]
+    pub learning_rate: Option<f64>,
+    #[arg(long)]
+    pub seed: Option<u64>,
+
+    /// Stop at the first bad line or unreadable image instead of skipping it.
+    #[arg(long)]
+    pub strict: bool,
+
+    /// auto, cpu, cuda, cuda:N or metal.
+    #[arg(long, default_value = "auto")]
+    pub device: String,
+}
+
+impl RunArgs {
+    /// The command line's values win over the config file's.
+    pub fn apply(&self, t: &mut OptimOptions) {
+        t.steps = self.steps.unwrap_or(t.steps);
+        t.batch_size = self.batch_size.unwrap_or(t.batch_size);
+        t.learning_rate = self.learning_rate.unwrap_or(t.learning_rate);
+        t.seed = self.seed.unwrap_or(t.seed);
+    }
+}
+
 /// `[train]` in a training config: how to optimise.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
@@ -84,12 +133,48 @@ impl OptimOptions {
     }
 }
 
-/// Reads a TOML config into `T`, naming the file on errors.
-pub fn read_toml<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T> {
-    let text = std::fs::read_to_string(path)
-        .with_context(|| format!("reading config {}", path.display()))?;
-    toml::from_str(&text)
-        .with_context(|| format!("{} is not a valid training config", path.display()))
+/// Reads a TOML config into `T` (an empty config when `path` is None), after applying
+/// `--set KEY=VALUE` overrides: KEY is a dotted path such as `train.warmup_steps` or
+/// `model.unet.block_out_channels`, VALUE a TOML value (`100`, `1e-4`, `"cosine"`, `[32, 64]`;
+/// a bare word is taken as a string). This makes every config option settable on the command line.
+pub fn read_toml<T: serde::de::DeserializeOwned>(path: Option<&Path>, overrides: &[String]) -> Result<T> {
+    let (mut table, name) = match path {
+        Some(path) => {
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("reading config {}", path.display()))?;
+            let table: toml::Table = toml::from_str(&text)
+                .with_context(|| format!("{} is not valid TOML", path.display()))?;
+            (table, path.display().to_string())
+        }
+        None => (toml::Table::new(), "the command line".to_string()),
+    };
+    for entry in overrides {
+        set_override(&mut table, entry)?;
+    }
+    toml::Value::Table(table)
+        .try_into()
+        .with_context(|| format!("{name} is not a valid training config"))
+}
+
+fn set_override(table: &mut toml::Table, entry: &str) -> Result<()> {
+    let (key, raw) = entry
+        .split_once('=')
+        .with_context(|| format!("--set {entry:?}: expected KEY=VALUE, e.g. train.warmup_steps=100"))?;
+    let value = match toml::from_str::<toml::Table>(&format!("v = {raw}")) {
+        Ok(mut t) => t.remove("v").unwrap(),
+        Err(_) => toml::Value::String(raw.to_string()),
+    };
+    let parts: Vec<&str> = key.trim().split('.').collect();
+    let mut node = table;
+    for part in &parts[..parts.len() - 1] {
+        node = node
+            .entry(part.to_string())
+            .or_insert_with(|| toml::Value::Table(toml::Table::new()))
+            .as_table_mut()
+            .with_context(|| format!("--set {key}: {part} is not a table"))?;
+    }
+    node.insert(parts[parts.len() - 1].to_string(), value);
+    Ok(())
 }
 
 /// The dataset's usable items; problems are reported (or fatal with `strict`).
@@ -501,6 +586,21 @@ impl Run {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn set_overrides_reach_any_option() {
+        let table: toml::Table = toml::from_str("[train]\nsteps = 5\n").unwrap();
+        let mut table = table;
+        for entry in ["train.steps=7", "train.lr_schedule=cosine", "model.unet.block_out_channels=[8, 16]", "x=1e-4"] {
+            set_override(&mut table, entry).unwrap();
+        }
+        assert_eq!(table["train"]["steps"].as_integer(), Some(7));
+        assert_eq!(table["train"]["lr_schedule"].as_str(), Some("cosine"));
+        assert_eq!(table["model"]["unet"]["block_out_channels"].as_array().unwrap().len(), 2);
+        assert_eq!(table["x"].as_float(), Some(1e-4));
+        assert!(set_override(&mut table, "no_equals_sign").is_err());
+        assert!(set_override(&mut table, "x.y=1").is_err());
+    }
     use serde_json::json;
 
     #[test]

@@ -5,7 +5,7 @@
 //! space stays smooth. After training the latents' scale is measured on the data and written as
 //! the config's `scaling_factor`, so the U-Net sees unit-variance latents (as Stable Diffusion's
 //! 0.18215 was chosen).
-use super::train_common::{load_dataset, read_toml, OptimOptions, Run};
+use super::train_common::{RunArgs, load_dataset, read_toml, OptimOptions, Run};
 use crate::model::vae::{AutoencoderKL, AutoencoderKLConfig};
 use crate::model::weights::{load_varmap_from_component, save_component};
 use crate::pipeline::{image_grid, tensor_to_images};
@@ -25,39 +25,12 @@ pub struct TrainVaeArgs {
     #[arg(long)]
     pub images: PathBuf,
 
-    /// A VAE training config (TOML, see configs/); options below override it.
-    #[arg(long)]
-    pub config: Option<PathBuf>,
-
     /// Start from this VAE (a diffusers `vae/` folder) instead of random weights.
     #[arg(long)]
     pub init: Option<PathBuf>,
 
-    /// Where the trained VAE (diffusers layout: config.json + safetensors) is written; its
-    /// checkpoints, metrics and validation images go there too.
-    #[arg(long, short = 'o')]
-    pub output: PathBuf,
-
-    /// Continue the run whose checkpoints are in --output.
-    #[arg(long)]
-    pub resume: bool,
-
-    #[arg(long)]
-    pub steps: Option<u64>,
-    #[arg(long)]
-    pub batch_size: Option<usize>,
-    #[arg(long)]
-    pub learning_rate: Option<f64>,
-    #[arg(long)]
-    pub seed: Option<u64>,
-
-    /// Stop at the first bad line or unreadable image instead of skipping it.
-    #[arg(long)]
-    pub strict: bool,
-
-    /// auto, cpu, cuda, cuda:N or metal.
-    #[arg(long, default_value = "auto")]
-    pub device: String,
+    #[command(flatten)]
+    pub run: RunArgs,
 }
 
 /// A VAE training config file.
@@ -86,23 +59,19 @@ fn default_kl_weight() -> f64 {
 }
 
 pub fn run(args: TrainVaeArgs) -> Result<()> {
-    let mut cfg: VaeTrainConfig = match &args.config {
-        Some(path) => read_toml(path)?,
+    let mut cfg: VaeTrainConfig = match &args.run.config {
+        Some(path) => read_toml(Some(path), &args.run.set)?,
         None => anyhow::bail!(
             "train-vae needs --config with the VAE's architecture, e.g. configs/sd-rs-anime/vae.toml"
         ),
     };
-    let t = &mut cfg.train;
-    t.steps = args.steps.unwrap_or(t.steps);
-    t.batch_size = args.batch_size.unwrap_or(t.batch_size);
-    t.learning_rate = args.learning_rate.unwrap_or(t.learning_rate);
-    t.seed = args.seed.unwrap_or(t.seed);
+    args.run.apply(&mut cfg.train);
 
-    let device = crate::device::select_device(&args.device.parse()?)?;
+    let device = crate::device::select_device(&args.run.device.parse()?)?;
     eprintln!("device: {}", crate::device::describe_device(&device));
-    let items = load_dataset(&args.images, args.strict)?;
-    std::fs::create_dir_all(&args.output)
-        .with_context(|| format!("creating {}", args.output.display()))?;
+    let items = load_dataset(&args.images, args.run.strict)?;
+    std::fs::create_dir_all(&args.run.output)
+        .with_context(|| format!("creating {}", args.run.output.display()))?;
 
     let varmap = VarMap::new();
     let vae = AutoencoderKL::new(
@@ -113,11 +82,11 @@ pub fn run(args: TrainVaeArgs) -> Result<()> {
         load_varmap_from_component(&varmap, init, None)?;
     }
     let mut run = Run::start(
-        &args.output,
+        &args.run.output,
         cfg.train.clone(),
         vec![("vae".to_string(), varmap.clone())],
         serde_json::to_value(&cfg)?,
-        args.resume,
+        args.run.resume,
     )?;
 
     let transform = ImageTransform {
@@ -129,7 +98,7 @@ pub fn run(args: TrainVaeArgs) -> Result<()> {
         batch_size: cfg.train.batch_size,
         seed: cfg.train.seed,
         caption_dropout: 0.0,
-        strict: args.strict,
+        strict: args.run.strict,
     };
     let items = Arc::new(items);
     let batcher = Batcher::new(
@@ -181,6 +150,7 @@ pub fn run(args: TrainVaeArgs) -> Result<()> {
                 &cfg.vae,
             )?;
             let path = args
+                .run
                 .output
                 .join("samples")
                 .join(format!("step-{:06}.png", run.step));
@@ -202,12 +172,12 @@ pub fn run(args: TrainVaeArgs) -> Result<()> {
     let mut out_cfg = cfg.vae.clone();
     out_cfg.scaling_factor = measure_scaling_factor(&trained, &items, cfg.resolution, &device)?;
     out_cfg.sample_size = serde_json::Value::from(cfg.resolution);
-    save_component(&args.output, "AutoencoderKL", &out_cfg, &weights, None)?;
+    save_component(&args.run.output, "AutoencoderKL", &out_cfg, &weights, None)?;
     eprintln!(
         "wrote {} (scaling_factor {:.5}); use it with `sd-rs train --vae {}`",
-        args.output.display(),
+        args.run.output.display(),
         out_cfg.scaling_factor,
-        args.output.display()
+        args.run.output.display()
     );
     Ok(())
 }
