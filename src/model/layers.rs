@@ -1,16 +1,32 @@
 //! Building blocks shared by the U-Net and the autoencoder, named exactly like diffusers'
 //! modules so that `VarBuilder` paths are diffusers' checkpoint keys.
 //!
-//! Everything here is written from candle ops that have a backward pass. candle's fused fast
-//! paths (`softmax_last_dim`, `candle_nn::LayerNorm`'s kernel, `ops::layer_norm`) stop gradients
-//! without an error, so they are not used: the same code serves inference and training.
+//! Everything here has a backward pass: the same code serves inference and training. candle's
+//! fused fast paths (`softmax_last_dim`, `candle_nn::LayerNorm`'s kernel, `ops::layer_norm`) stop
+//! gradients without an error, so they are not used. Instead, on the CPU in f32/f64 the hot
+//! patterns (GroupNorm+SiLU, convolution, linear, LayerNorm, attention, GEGLU, layout changes,
+//! upsampling) go through the fused kernels of [`super::ops`], which carry their own backward;
+//! elsewhere (CUDA, Metal, half precision) the same layers are composed from candle ops, which
+//! is the reference the kernels are tested against.
 
 use candle_core::{DType, Module, Result, Tensor, D};
-use candle_nn::{Conv2d, Conv2dConfig, GroupNorm, Linear, VarBuilder};
+use candle_nn::{Conv2dConfig, VarBuilder};
+
+use super::ops;
 
 /// SiLU ("swish"), the only activation Stable Diffusion's U-Net and VAE use.
 pub fn silu(x: &Tensor) -> Result<Tensor> {
     x.silu()
+}
+
+/// Views `x` as (A, P, Q, R), swaps P and Q, and reshapes to `out`: the layout changes between
+/// feature maps, tokens and heads. One fused node on the CPU.
+fn swap(x: &Tensor, view: (usize, usize, usize, usize), out: &[usize]) -> Result<Tensor> {
+    if ops::applies(x) {
+        ops::swap_dims(x, view, out)
+    } else {
+        x.reshape(view)?.transpose(1, 2)?.contiguous()?.reshape(out)
+    }
 }
 
 /// Checks an activation name from a config and returns an error naming it if it isn't SiLU.
@@ -21,10 +37,91 @@ pub fn check_act_fn(key: &str, value: &str) -> anyhow::Result<()> {
     }
 }
 
-/// `torch.nn.GroupNorm`. candle_nn's GroupNorm is built from plain tensor ops (differentiable)
-/// and computes half-precision inputs in f32, so it is used as is.
+/// `torch.nn.GroupNorm` (weight, bias) over (B, C, *).
+#[derive(Debug, Clone)]
+pub struct GroupNorm {
+    weight: Tensor,
+    bias: Tensor,
+    groups: usize,
+    eps: f64,
+    /// The composed version: plain tensor ops (differentiable), half precision computed in f32.
+    composed: candle_nn::GroupNorm,
+}
+
+impl GroupNorm {
+    /// GroupNorm followed by SiLU, the pair every ResnetBlock2D and output head uses; one fused
+    /// kernel on the CPU.
+    pub fn forward_silu(&self, x: &Tensor) -> Result<Tensor> {
+        if ops::applies(x) {
+            ops::group_norm(x, &self.weight, &self.bias, self.groups, self.eps, true)
+        } else {
+            silu(&self.composed.forward(x)?)
+        }
+    }
+}
+
+impl Module for GroupNorm {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        if ops::applies(x) {
+            ops::group_norm(x, &self.weight, &self.bias, self.groups, self.eps, false)
+        } else {
+            self.composed.forward(x)
+        }
+    }
+}
+
+/// `nn.GroupNorm(groups, channels, eps)`.
 pub fn group_norm(groups: usize, channels: usize, eps: f64, vb: VarBuilder) -> Result<GroupNorm> {
-    candle_nn::group_norm(groups, channels, eps, vb)
+    let weight = vb.get_with_hints(channels, "weight", candle_nn::Init::Const(1.))?;
+    let bias = vb.get_with_hints(channels, "bias", candle_nn::Init::Const(0.))?;
+    let composed = candle_nn::GroupNorm::new(weight.clone(), bias.clone(), channels, groups, eps)?;
+    Ok(GroupNorm {
+        weight,
+        bias,
+        groups,
+        eps,
+        composed,
+    })
+}
+
+/// `nn.Conv2d` with a square kernel, equal stride and padding on both axes.
+#[derive(Debug, Clone)]
+pub struct Conv2d {
+    weight: Tensor,
+    bias: Option<Tensor>,
+    stride: usize,
+    padding: usize,
+    composed: candle_nn::Conv2d,
+}
+
+impl Conv2d {
+    /// The convolution with explicit zero padding [top, bottom, left, right] instead of the
+    /// configured one (the VAE downsampler pads only bottom and right).
+    pub fn forward_padded(&self, x: &Tensor, pad: [usize; 4]) -> Result<Tensor> {
+        if ops::applies(x) {
+            return ops::conv2d(x, &self.weight, self.bias.as_ref(), self.stride, pad);
+        }
+        let [top, bottom, left, right] = pad;
+        let x = x
+            .pad_with_zeros(2, top, bottom)?
+            .pad_with_zeros(3, left, right)?;
+        let y = same_parity(&x)?.conv2d(&self.weight, 0, self.stride, 1, 1)?;
+        match &self.bias {
+            Some(bias) => y.broadcast_add(&bias.reshape((1, (), 1, 1))?),
+            None => Ok(y),
+        }
+    }
+}
+
+impl Module for Conv2d {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        if ops::applies(x) {
+            let p = self.padding;
+            ops::conv2d(x, &self.weight, self.bias.as_ref(), self.stride, [p; 4])
+        } else {
+            self.composed.forward(x)
+        }
+    }
 }
 
 /// `nn.Conv2d(in, out, kernel, stride, padding)` with bias.
@@ -41,16 +138,40 @@ pub fn conv2d(
         stride,
         ..Default::default()
     };
-    candle_nn::conv2d(in_channels, out_channels, kernel, cfg, vb)
+    let composed = candle_nn::conv2d(in_channels, out_channels, kernel, cfg, vb)?;
+    Ok(Conv2d {
+        weight: composed.weight().clone(),
+        bias: composed.bias().cloned(),
+        stride,
+        padding,
+        composed,
+    })
+}
+
+/// `nn.Linear`, applied over the last dimension of inputs of any rank.
+#[derive(Debug, Clone)]
+pub struct Linear {
+    composed: candle_nn::Linear,
+}
+
+impl Module for Linear {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        if ops::applies(x) {
+            ops::linear(x, self.composed.weight(), self.composed.bias())
+        } else {
+            self.composed.forward(x)
+        }
+    }
 }
 
 /// `nn.Linear` with or without bias.
 pub fn linear(in_dim: usize, out_dim: usize, bias: bool, vb: VarBuilder) -> Result<Linear> {
-    if bias {
-        candle_nn::linear(in_dim, out_dim, vb)
+    let composed = if bias {
+        candle_nn::linear(in_dim, out_dim, vb)?
     } else {
-        candle_nn::linear_no_bias(in_dim, out_dim, vb)
-    }
+        candle_nn::linear_no_bias(in_dim, out_dim, vb)?
+    };
+    Ok(Linear { composed })
 }
 
 /// `nn.LayerNorm` over the last dimension, written from mean and variance so that it has a
@@ -73,6 +194,9 @@ impl LayerNorm {
 
 impl Module for LayerNorm {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        if ops::applies(x) {
+            return ops::layer_norm(x, &self.weight, &self.bias, self.eps);
+        }
         let dtype = x.dtype();
         let x = match dtype {
             DType::F16 | DType::BF16 => x.to_dtype(DType::F32)?,
@@ -200,7 +324,7 @@ impl ResnetBlock2D {
 
     /// `temb` is the (B, temb_channels) time embedding, `None` for the autoencoder.
     pub fn forward(&self, x: &Tensor, temb: Option<&Tensor>) -> Result<Tensor> {
-        let h = self.conv1.forward(&silu(&self.norm1.forward(x)?)?)?;
+        let h = self.conv1.forward(&self.norm1.forward_silu(x)?)?;
         let h = match (&self.time_emb_proj, temb) {
             (Some(proj), Some(temb)) => {
                 let t = proj.forward(&silu(temb)?)?.unsqueeze(2)?.unsqueeze(3)?;
@@ -211,7 +335,7 @@ impl ResnetBlock2D {
                 candle_core::bail!("ResnetBlock2D has time_emb_proj but got no time embedding")
             }
         };
-        let h = self.conv2.forward(&silu(&self.norm2.forward(&h)?)?)?;
+        let h = self.conv2.forward(&self.norm2.forward_silu(&h)?)?;
         let x = match &self.conv_shortcut {
             Some(conv) => conv.forward(x)?,
             None => x.clone(),
@@ -250,16 +374,18 @@ impl Downsample2D {
 
 impl Module for Downsample2D {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let x = if self.pad_bottom_right {
-            x.pad_with_zeros(2, 0, 1)?.pad_with_zeros(3, 0, 1)?
+        if self.pad_bottom_right {
+            self.conv.forward_padded(x, [0, 1, 0, 1])
+        } else if ops::applies(x) {
+            // The fused convolution's backward has no parity restriction.
+            self.conv.forward(x)
         } else {
-            x.clone()
-        };
-        self.conv.forward(&same_parity(&x)?)
+            self.conv.forward(&same_parity(x)?)
+        }
     }
 }
 
-/// candle 0.11's conv2d backward derives the transposed convolution's output padding from the
+/// candle 0.11's conv2d backward (the composed path) derives the transposed convolution's output padding from the
 /// height alone, so a stride-2 conv over a map whose height and width differ in parity (e.g. a
 /// 16x9 latent) fails in backward with a shape mismatch. One extra zero row/column at the end of
 /// the odd dimension makes both even without changing the forward result: for a 3x3 stride-2
@@ -283,6 +409,9 @@ fn same_parity(x: &Tensor) -> Result<Tensor> {
 pub fn upsample_nearest(x: &Tensor, out_h: usize, out_w: usize) -> Result<Tensor> {
     let (b, c, h, w) = x.dims4()?;
     if out_h == 2 * h && out_w == 2 * w {
+        if ops::applies(x) {
+            return ops::upsample_nearest_2x(x);
+        }
         return x
             .reshape((b, c, h, 1, w, 1))?
             .broadcast_as((b, c, h, 2, w, 2))?
@@ -342,12 +471,18 @@ const ATTENTION_SCORE_CHUNK: usize = 1 << 24;
 /// Scores and softmax are computed in f32 for half-precision inputs (diffusers'
 /// `upcast_attention`/`upcast_softmax`, and what PyTorch's SDPA does internally), then the
 /// probabilities are cast back for the product with `v`.
+///
+/// On the CPU in f32/f64 this is one fused kernel (with its own backward) that holds only a
+/// block of scores per head at a time; elsewhere it is [`attention_chunked`].
 pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Result<Tensor> {
+    if ops::applies(q) && ops::applies(k) && ops::applies(v) {
+        return ops::attention(q, k, v, scale);
+    }
     attention_chunked(q, k, v, scale, ATTENTION_SCORE_CHUNK)
 }
 
-/// [`attention`] materialising at most about `max_score_elems` scores at a time (at least one
-/// query row per chunk).
+/// [`attention`] composed from candle ops, materialising at most about `max_score_elems`
+/// scores at a time (at least one query row per chunk).
 pub fn attention_chunked(
     q: &Tensor,
     k: &Tensor,
@@ -446,32 +581,33 @@ impl Attention {
     /// (B, N, heads*dim_head) -> (B, heads, N, dim_head)
     fn split_heads(&self, x: &Tensor) -> Result<Tensor> {
         let (b, n, _) = x.dims3()?;
-        x.reshape((b, n, self.heads, self.dim_head))?
-            .transpose(1, 2)?
-            .contiguous()
+        let (h, d) = (self.heads, self.dim_head);
+        swap(x, (b, n, h, d), &[b, h, n, d])
     }
 
     /// `context`: (B, L, cross_attention_dim) for cross-attention, `None` for self-attention.
     pub fn forward(&self, x: &Tensor, context: Option<&Tensor>) -> Result<Tensor> {
         let residual = x;
-        let spatial = x.rank() == 4;
-        let (tokens, shape4) = if spatial {
-            let (b, c, h, w) = x.dims4()?;
-            (
-                x.reshape((b, c, h * w))?.transpose(1, 2)?,
-                Some((b, c, h, w)),
-            )
-        } else {
-            (x.clone(), None)
+        let (tokens, shape4) = match (x.rank(), &self.group_norm) {
+            (4, norm) => {
+                let (b, c, h, w) = x.dims4()?;
+                // GroupNorm wants channels second: normalise the map, then make tokens.
+                let x = match norm {
+                    Some(norm) => norm.forward(x)?,
+                    None => x.clone(),
+                };
+                (
+                    swap(&x, (b, c, h * w, 1), &[b, h * w, c])?,
+                    Some((b, c, h, w)),
+                )
+            }
+            (_, Some(norm)) => {
+                let (b, n, c) = x.dims3()?;
+                let normed = norm.forward(&swap(x, (b, n, c, 1), &[b, c, n])?)?;
+                (swap(&normed, (b, c, n, 1), &[b, n, c])?, None)
+            }
+            (_, None) => (x.contiguous()?, None),
         };
-        let tokens = match &self.group_norm {
-            // GroupNorm wants channels second.
-            Some(norm) => norm
-                .forward(&tokens.transpose(1, 2)?.contiguous()?)?
-                .transpose(1, 2)?,
-            None => tokens,
-        };
-        let tokens = tokens.contiguous()?;
         let context = context.unwrap_or(&tokens);
         let q = self.split_heads(&self.to_q.forward(&tokens)?)?;
         let k = self.split_heads(&self.to_k.forward(context)?)?;
@@ -479,12 +615,11 @@ impl Attention {
         let scale = 1.0 / (self.dim_head as f64).sqrt();
         let out = attention(&q, &k, &v, scale)?;
         let (b, _, n, _) = out.dims4()?;
-        let out = out
-            .transpose(1, 2)?
-            .reshape((b, n, self.heads * self.dim_head))?;
+        let (h, d) = (self.heads, self.dim_head);
+        let out = swap(&out, (b, h, n, d), &[b, n, h * d])?;
         let out = self.to_out.forward(&out)?;
         let out = match shape4 {
-            Some((b, c, h, w)) => out.transpose(1, 2)?.reshape((b, c, h, w))?,
+            Some((b, c, h, w)) => swap(&out, (b, h * w, c, 1), &[b, c, h, w])?,
             None => out,
         };
         let out = if self.residual_connection {
@@ -525,6 +660,9 @@ impl FeedForward {
 impl Module for FeedForward {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let h = self.proj_in.forward(x)?;
+        if ops::applies(&h) {
+            return self.proj_out.forward(&ops::geglu(&h)?);
+        }
         let inner = h.dim(D::Minus1)? / 2;
         let value = h.narrow(D::Minus1, 0, inner)?;
         let gate = h.narrow(D::Minus1, inner, inner)?;
@@ -654,17 +792,15 @@ impl Transformer2DModel {
         // (B, C, H, W) <-> (B, H*W, C)
         let to_tokens = |t: &Tensor| -> Result<Tensor> {
             let ch = t.dim(1)?;
-            t.permute((0, 2, 3, 1))?.reshape((b, h * w, ch))
+            swap(t, (b, ch, h * w, 1), &[b, h * w, ch])
         };
         let to_map = |t: &Tensor| -> Result<Tensor> {
             let ch = t.dim(2)?;
-            t.reshape((b, h, w, ch))?
-                .permute((0, 3, 1, 2))?
-                .contiguous()
+            swap(t, (b, h * w, ch, 1), &[b, ch, h, w])
         };
         let mut tokens = match &self.proj_in {
             Projection::Conv(conv) => to_tokens(&conv.forward(&normed)?)?,
-            Projection::Linear(lin) => lin.forward(&to_tokens(&normed)?.contiguous()?)?,
+            Projection::Linear(lin) => lin.forward(&to_tokens(&normed)?)?,
         };
         for block in &self.transformer_blocks {
             tokens = block.forward(&tokens, context)?;

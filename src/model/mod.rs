@@ -2,6 +2,7 @@
 //! config.json) and a struct built from a `VarBuilder` with `forward`.
 pub mod clip;
 pub mod layers;
+pub mod ops;
 pub mod tokenizer;
 pub mod unet;
 pub mod vae;

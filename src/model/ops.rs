@@ -8,58 +8,223 @@
 //! feature map, both far slower than the forward. Profiles of a VAE/U-Net step showed those
 //! costs dominating, not the convolution/matmul FLOPs.
 //!
-//! Every op here is a `CustomOp` whose `bwd` computes its gradient with another kernel, so the
-//! graph gets one node per layer instead of dozens. The kernels run on `f32`/`f64` CPU tensors
-//! only and are parallel over independent slices with rayon. Callers check [`applies`] and fall
-//! back to the composed candle ops (CUDA, Metal, half precision), which remain the reference:
-//! the results agree up to float rounding (the unit tests below check forward and backward).
+//! Every op here is a `CustomOp` whose `bwd` computes its gradient directly (GEMMs through
+//! candle's `matmul` where there are any), so the graph gets one node per layer instead of
+//! dozens. The kernels run on `f32`/`f64` CPU tensors only, parallel over independent slices
+//! with rayon, and the elementwise ones are compiled a second time for AVX2 (picked at run
+//! time; the crate targets baseline x86-64). Callers check [`applies`] and otherwise use the
+//! composed candle ops (CUDA, Metal, half precision), which remain the reference: the results
+//! agree up to float rounding. In f32, `exp` and `erf` are branch-free approximations within a
+//! few ulp so that loops vectorise; f64 uses the library functions, so the f64 unit tests below
+//! match the composed ops to ~1e-12, forward and backward. `SD_RS_FUSED_CPU_OPS=0` switches the
+//! kernels off.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicU8, Ordering};
 
+use candle_core::backend::BackendStorage;
 use candle_core::{bail, CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Result};
-use candle_core::{Shape, Tensor, WithDType};
+use candle_core::{Device, Shape, Storage, Tensor, WithDType, D};
 use rayon::prelude::*;
 
-static ENABLED: AtomicBool = AtomicBool::new(true);
+/// 0: not decided yet (read `SD_RS_FUSED_CPU_OPS` on first use), 1: on, 2: off.
+static ENABLED: AtomicU8 = AtomicU8::new(0);
 
-/// Switches the fused kernels on or off for the whole process (on by default). Off forces the
-/// composed candle ops everywhere, which is how the kernels are compared with the reference.
+/// Switches the fused kernels on or off for the whole process. They are on unless the
+/// environment variable `SD_RS_FUSED_CPU_OPS` is `0`; off forces the composed candle ops
+/// everywhere, which is how the kernels are compared with the reference.
 pub fn set_enabled(on: bool) {
-    ENABLED.store(on, Ordering::Relaxed);
+    ENABLED.store(if on { 1 } else { 2 }, Ordering::Relaxed);
 }
 
 /// Whether the fused kernels are switched on.
 pub fn enabled() -> bool {
-    ENABLED.load(Ordering::Relaxed)
+    match ENABLED.load(Ordering::Relaxed) {
+        1 => true,
+        2 => false,
+        _ => {
+            let on = std::env::var("SD_RS_FUSED_CPU_OPS").map_or(true, |v| v.trim() != "0");
+            set_enabled(on);
+            on
+        }
+    }
 }
 
-/// Whether the fused kernels handle `t`: switched on, on the CPU, in f32 or f64.
+/// Whether the fused kernels handle `t`: switched on, on the CPU, in f32 or f64, not empty.
 pub fn applies(t: &Tensor) -> bool {
-    enabled() && t.device().is_cpu() && matches!(t.dtype(), DType::F32 | DType::F64)
+    enabled()
+        && t.device().is_cpu()
+        && matches!(t.dtype(), DType::F32 | DType::F64)
+        && t.elem_count() > 0
 }
 
-/// The float operations the kernels need beyond `WithDType`'s arithmetic.
+/// The float operations the kernels need beyond `WithDType`'s arithmetic. f32 gets branch-free
+/// `exp`/`erf` that the compiler vectorises (within ~2 ulp of libm); f64, used by the
+/// finite-difference gradient checks, keeps the exact library functions.
 trait Real: WithDType {
     fn exp(self) -> Self;
-    fn sqrt(self) -> Self;
+    fn erf(self) -> Self;
 }
 
 impl Real for f32 {
+    #[inline(always)]
     fn exp(self) -> Self {
-        f32::exp(self)
+        exp_f32(self)
     }
-    fn sqrt(self) -> Self {
-        f32::sqrt(self)
+    #[inline(always)]
+    fn erf(self) -> Self {
+        erf_f32(self)
     }
 }
 
 impl Real for f64 {
+    #[inline(always)]
     fn exp(self) -> Self {
         f64::exp(self)
     }
-    fn sqrt(self) -> Self {
-        f64::sqrt(self)
+    #[inline(always)]
+    fn erf(self) -> Self {
+        candle_core::cpu::erf::erf_f64(self)
     }
+}
+
+/// e^x for f32 (Cephes' expf: range reduction by ln 2, then a polynomial), relative error
+/// below 1e-7 over the clamped range [-87, 88]. No branches or calls, so loops over it
+/// vectorise.
+#[inline(always)]
+fn exp_f32(x: f32) -> f32 {
+    const LOG2E: f32 = std::f32::consts::LOG2_E;
+    const LN2_HI: f32 = 0.693_359_4;
+    const LN2_LO: f32 = -2.121_944_4e-4;
+    // Adding 1.5 * 2^23 rounds to an integer held in the low mantissa bits.
+    const ROUND: f32 = 12_582_912.0;
+    let x = x.clamp(-87.0, 88.0);
+    let t = x * LOG2E + ROUND;
+    let n = t - ROUND;
+    let r = x - n * LN2_HI - n * LN2_LO;
+    let p = ((((1.987_569_1e-4 * r + 1.398_199_9e-3) * r + 8.333_452e-3) * r + 4.166_579_6e-2) * r
+        + 1.666_666_5e-1)
+        * r
+        + 0.5;
+    let y = p * r * r + r + 1.0;
+    let n = (t.to_bits() as i32).wrapping_sub(ROUND.to_bits() as i32);
+    y * f32::from_bits(((n + 127) as u32) << 23)
+}
+
+/// erf(x) for f32: its Taylor series below 0.5 (where 1 - erfc would lose the relative
+/// precision), above that Numerical Recipes' erfc (Chebyshev fit, fractional error < 1.2e-7)
+/// with [`exp_f32`]. Absolute error below 2e-7; branch-free.
+#[inline(always)]
+fn erf_f32(x: f32) -> f32 {
+    let z = x.abs();
+    let t = 1.0 / (1.0 + 0.5 * z);
+    let poly = -1.265_512_2
+        + t * (1.000_023_7
+            + t * (0.374_091_96
+                + t * (0.096_784_18
+                    + t * (-0.186_288_06
+                        + t * (0.278_868_07
+                            + t * (-1.135_204
+                                + t * (1.488_515_9 + t * (-0.822_152_23 + t * 0.170_872_77))))))));
+    let tail = (1.0 - t * exp_f32(-z * z + poly)).copysign(x);
+    let x2 = x * x;
+    let series = x
+        * (std::f32::consts::FRAC_2_SQRT_PI
+            + x2 * (-0.376_126_4
+                + x2 * (0.112_837_92
+                    + x2 * (-0.026_866_17 + x2 * (0.005_223_977 + x2 * -0.000_854_832_7)))));
+    if z < 0.5 {
+        series
+    } else {
+        tail
+    }
+}
+
+/// Whether the CPU has AVX2 (the std macro caches the answer).
+#[cfg(target_arch = "x86_64")]
+fn has_avx2() -> bool {
+    std::arch::is_x86_feature_detected!("avx2")
+}
+
+/// Defines a kernel that runs compiled for AVX2 where the CPU has it (the crate is built for
+/// baseline x86-64, i.e. SSE2), otherwise as the baseline build. Both builds do the same
+/// operations in the same order (no FMA contraction), so they give identical results.
+macro_rules! multiversion {
+    ($(#[$meta:meta])* fn $name:ident<T: Real>($($arg:ident: $ty:ty),* $(,)?) $body:block) => {
+        $(#[$meta])*
+        #[allow(clippy::too_many_arguments)]
+        fn $name<T: Real>($($arg: $ty),*) {
+            #[inline(always)]
+            #[allow(clippy::too_many_arguments)]
+            fn imp<T: Real>($($arg: $ty),*) $body
+            #[cfg(target_arch = "x86_64")]
+            {
+                #[target_feature(enable = "avx2")]
+                #[allow(clippy::too_many_arguments)]
+                fn avx2<T: Real>($($arg: $ty),*) {
+                    imp::<T>($($arg),*)
+                }
+                if has_avx2() {
+                    // SAFETY: the CPU has the feature `avx2` is compiled for.
+                    return unsafe { avx2::<T>($($arg),*) };
+                }
+            }
+            imp::<T>($($arg),*)
+        }
+    };
+}
+
+/// Sum of `f(x)` in f64, accumulated in eight lanes of `T` over blocks of 256 values (so that
+/// the loop vectorises) and the block sums in f64.
+#[inline(always)]
+fn sum_f64<T: Real>(x: &[T], f: impl Fn(T) -> T) -> f64 {
+    let mut total = 0f64;
+    for block in x.chunks(256) {
+        let mut lanes = [T::zero(); 8];
+        let mut chunks = block.chunks_exact(8);
+        for c in &mut chunks {
+            for l in 0..8 {
+                lanes[l] += f(c[l]);
+            }
+        }
+        for &v in chunks.remainder() {
+            lanes[0] += f(v);
+        }
+        total += lanes.iter().map(|v| v.to_f64()).sum::<f64>();
+    }
+    total
+}
+
+/// (sum of a, sum of a * (b - shift)) in f64, like [`sum_f64`].
+#[inline(always)]
+fn sum2_f64<T: Real>(a: &[T], b: &[T], shift: T) -> (f64, f64) {
+    let (mut t1, mut t2) = (0f64, 0f64);
+    for (ba, bb) in a.chunks(256).zip(b.chunks(256)) {
+        let (mut l1, mut l2) = ([T::zero(); 8], [T::zero(); 8]);
+        let (mut ca, mut cb) = (ba.chunks_exact(8), bb.chunks_exact(8));
+        for (x, y) in (&mut ca).zip(&mut cb) {
+            for l in 0..8 {
+                l1[l] += x[l];
+                l2[l] += x[l] * (y[l] - shift);
+            }
+        }
+        for (&x, &y) in ca.remainder().iter().zip(cb.remainder()) {
+            l1[0] += x;
+            l2[0] += x * (y - shift);
+        }
+        t1 += l1.iter().map(|v| v.to_f64()).sum::<f64>();
+        t2 += l2.iter().map(|v| v.to_f64()).sum::<f64>();
+    }
+    (t1, t2)
+}
+
+/// Mean and 1/sqrt(var + eps) in f64 (two passes: mean, then mean squared deviation).
+#[inline(always)]
+fn moments<T: Real>(x: &[T], eps: f64) -> (f64, f64) {
+    let n = x.len() as f64;
+    let mean = sum_f64(x, |v| v) / n;
+    let m = T::from_f64(mean);
+    let var = sum_f64(x, |v| (v - m) * (v - m)) / n;
+    (mean, 1.0 / (var + eps).sqrt())
 }
 
 /// The contiguous data of a kernel input (callers make inputs contiguous first).
@@ -92,31 +257,147 @@ fn storage<T: WithDType>(v: Vec<T>, shape: impl Into<Shape>) -> (CpuStorage, Sha
     (T::to_cpu_storage_owned(v), shape.into())
 }
 
-fn sigmoid<T: Real>(z: T) -> T {
-    T::one() / (T::one() + (T::zero() - z).exp())
+// ---------------------------------------------------------------------------------------------
+// Helpers for kernels that call GEMMs: CPU data of tensors, and tensors of CPU data
+// ---------------------------------------------------------------------------------------------
+
+/// Runs `$body` with `$t` bound to the Rust type of `$dtype` (f32 or f64).
+macro_rules! dispatch_dtype {
+    ($op:expr, $dtype:expr, $t:ident => $body:expr) => {
+        match $dtype {
+            DType::F32 => {
+                type $t = f32;
+                $body
+            }
+            DType::F64 => {
+                type $t = f64;
+                $body
+            }
+            other => bail!("{}: unsupported dtype {other:?}", $op),
+        }
+    };
+}
+
+/// Runs `f` on the contiguous CPU data of `ts` (all of element type `T`).
+fn with_data<T: WithDType, R>(ts: &[&Tensor], f: impl FnOnce(&[&[T]]) -> Result<R>) -> Result<R> {
+    let ts: Vec<Tensor> = ts.iter().map(|t| t.contiguous()).collect::<Result<_>>()?;
+    let guards: Vec<_> = ts.iter().map(|t| t.storage_and_layout()).collect();
+    let mut slices = Vec::with_capacity(guards.len());
+    for (s, l) in &guards {
+        match &**s {
+            Storage::Cpu(cpu) => slices.push(slice::<T>(cpu, l, "fused kernel")?),
+            _ => bail!("fused kernels run on the CPU only"),
+        }
+    }
+    f(&slices)
+}
+
+fn cpu_tensor<T: WithDType>(data: Vec<T>, shape: impl Into<Shape>) -> Result<Tensor> {
+    Tensor::from_vec(data, shape, &Device::Cpu)
+}
+
+/// Sums the rows of a (m, n) matrix: a (1, m) x (m, n) GEMM.
+fn sum_rows(x: &Tensor) -> Result<Tensor> {
+    let (m, n) = x.dims2()?;
+    Tensor::ones((1, m), x.dtype(), x.device())?
+        .matmul(x)?
+        .reshape(n)
 }
 
 // ---------------------------------------------------------------------------------------------
 // GroupNorm (+ SiLU)
 // ---------------------------------------------------------------------------------------------
 
-/// Mean and 1/sqrt(var + eps) of one group, accumulated in f64 (two passes, like the composed
-/// version: mean first, then the mean of squared deviations).
-fn moments<T: WithDType>(x: &[T], eps: f64) -> (f64, f64) {
-    let n = x.len() as f64;
-    let mean = x.iter().map(|v| v.to_f64()).sum::<f64>() / n;
-    let var = x
-        .iter()
-        .map(|v| {
-            let d = v.to_f64() - mean;
-            d * d
-        })
-        .sum::<f64>()
-        / n;
-    (mean, 1.0 / (var + eps).sqrt())
+multiversion! {
+    /// One (sample, group) of GroupNorm(+SiLU): `x` and `out` hold the group's channels
+    /// (`gamma.len()` of them) of `spatial` values each.
+    fn group_norm_fwd<T: Real>(
+        x: &[T],
+        out: &mut [T],
+        gamma: &[T],
+        beta: &[T],
+        spatial: usize,
+        eps: f64,
+        silu: bool,
+    ) {
+        let (mean, rstd) = moments(x, eps);
+        let (mean, rstd) = (T::from_f64(mean), T::from_f64(rstd));
+        for ci in 0..gamma.len() {
+            let (a, b) = (gamma[ci] * rstd, beta[ci]);
+            let xs = &x[ci * spatial..][..spatial];
+            let os = &mut out[ci * spatial..][..spatial];
+            if silu {
+                for (o, &v) in os.iter_mut().zip(xs) {
+                    let z = (v - mean) * a + b;
+                    *o = z / (T::one() + (T::zero() - z).exp());
+                }
+            } else {
+                for (o, &v) in os.iter_mut().zip(xs) {
+                    *o = (v - mean) * a + b;
+                }
+            }
+        }
+    }
+}
+
+multiversion! {
+    /// The backward of [`group_norm_fwd`] for one (sample, group): writes dx and this
+    /// sample's (dgamma, dbeta) per channel into `dparams` (2 * channels).
+    fn group_norm_bwd<T: Real>(
+        x: &[T],
+        dy: &[T],
+        dx: &mut [T],
+        gamma: &[T],
+        beta: &[T],
+        dparams: &mut [f64],
+        spatial: usize,
+        eps: f64,
+        silu: bool,
+    ) {
+        let cg = gamma.len();
+        let (mean, rstd) = moments(x, eps);
+        let rstd64 = rstd;
+        let (mean, rstd) = (T::from_f64(mean), T::from_f64(rstd));
+        // dz (the gradient before the affine+norm) into dx, and per channel
+        // dbeta = sum dz, dgamma = sum dz * xhat. With dxhat = dz * gamma:
+        // dx = rstd * (dxhat - mean(dxhat) - xhat * mean(dxhat * xhat)).
+        let (mut sum1, mut sum2) = (0f64, 0f64);
+        for ci in 0..cg {
+            let range = ci * spatial..(ci + 1) * spatial;
+            let (xs, gs) = (&x[range.clone()], &dy[range.clone()]);
+            let ds = &mut dx[range];
+            if silu {
+                let (a, b) = (gamma[ci] * rstd, beta[ci]);
+                for ((d, &v), &g) in ds.iter_mut().zip(xs).zip(gs) {
+                    let z = (v - mean) * a + b;
+                    let s = T::one() / (T::one() + (T::zero() - z).exp());
+                    *d = g * s * (T::one() + z * (T::one() - s));
+                }
+            } else {
+                ds.copy_from_slice(gs);
+            }
+            let (sdz, sdzx) = sum2_f64(ds, xs, mean);
+            let (dgamma, dbeta) = (sdzx * rstd64, sdz);
+            dparams[ci] = dgamma;
+            dparams[cg + ci] = dbeta;
+            let g = gamma[ci].to_f64();
+            sum1 += g * dbeta;
+            sum2 += g * dgamma;
+        }
+        let n = x.len() as f64;
+        let (m1, m2) = (T::from_f64(sum1 / n), T::from_f64(sum2 / n));
+        for (ci, &g) in gamma.iter().enumerate() {
+            let range = ci * spatial..(ci + 1) * spatial;
+            for (d, &v) in dx[range.clone()].iter_mut().zip(&x[range]) {
+                let xhat = (v - mean) * rstd;
+                *d = rstd * (*d * g - m1 - xhat * m2);
+            }
+        }
+    }
 }
 
 /// `torch.nn.GroupNorm` on (B, C, *) with per-channel affine, optionally followed by SiLU.
+#[derive(Debug, Clone, Copy)]
 struct GroupNormOp {
     groups: usize,
     eps: f64,
@@ -124,112 +405,80 @@ struct GroupNormOp {
 }
 
 impl GroupNormOp {
-    fn dims(&self, l: &Layout, c: usize) -> Result<(usize, usize)> {
-        let dims = l.dims();
-        if dims.len() < 3 || dims[1] != c || c % self.groups != 0 {
-            bail!("group-norm: input {dims:?} for {c} channels in {} groups", self.groups)
+    /// (channels per group, spatial size)
+    fn dims(&self, dims: &[usize], c: usize) -> Result<(usize, usize)> {
+        if dims.len() < 3 || dims[1] != c || !c.is_multiple_of(self.groups) {
+            bail!(
+                "group-norm: input {dims:?} for {c} channels in {} groups",
+                self.groups
+            )
         }
-        let spatial: usize = dims[2..].iter().product();
-        Ok((dims[0], spatial))
+        Ok((c / self.groups, dims[2..].iter().product()))
     }
 
-    fn fwd<T: Real>(&self, x: &[T], gamma: &[T], beta: &[T], spatial: usize) -> Vec<T> {
-        let c = gamma.len();
-        let cg = c / self.groups;
-        let group_len = cg * spatial;
+    fn fwd<T: Real>(&self, x: &[T], gamma: &[T], beta: &[T], cg: usize, spatial: usize) -> Vec<T> {
         let mut out = vec![T::zero(); x.len()];
-        out.par_chunks_mut(group_len)
-            .zip(x.par_chunks(group_len))
+        out.par_chunks_mut(cg * spatial)
+            .zip(x.par_chunks(cg * spatial))
             .enumerate()
             .for_each(|(i, (out, x))| {
-                let g = i % self.groups;
-                let (mean, rstd) = moments(x, self.eps);
-                let mean = T::from_f64(mean);
-                for ci in 0..cg {
-                    let ch = g * cg + ci;
-                    let a = gamma[ch] * T::from_f64(rstd);
-                    let b = beta[ch];
-                    let range = ci * spatial..(ci + 1) * spatial;
-                    for (o, &v) in out[range.clone()].iter_mut().zip(&x[range]) {
-                        let z = (v - mean) * a + b;
-                        *o = if self.silu { z * sigmoid(z) } else { z };
-                    }
-                }
+                let ch = (i % self.groups) * cg..(i % self.groups + 1) * cg;
+                group_norm_fwd(
+                    x,
+                    out,
+                    &gamma[ch.clone()],
+                    &beta[ch],
+                    spatial,
+                    self.eps,
+                    self.silu,
+                );
             });
         out
     }
 
-    /// Returns dx (len of x) followed by dgamma and dbeta (C each).
-    fn bwd<T: Real>(&self, x: &[T], dy: &[T], gamma: &[T], beta: &[T], spatial: usize) -> Vec<T> {
+    /// (dx, dgamma, dbeta)
+    fn bwd<T: Real>(
+        &self,
+        x: &[T],
+        dy: &[T],
+        gamma: &[T],
+        beta: &[T],
+        cg: usize,
+        spatial: usize,
+    ) -> (Vec<T>, Vec<T>, Vec<T>) {
         let c = gamma.len();
-        let cg = c / self.groups;
-        let group_len = cg * spatial;
-        let n = x.len();
-        let mut out = vec![T::zero(); n + 2 * c];
-        let (dx, dparams) = out.split_at_mut(n);
-        // Per (sample, channel): (dgamma, dbeta) partial sums, reduced over the batch below.
-        let partials: Vec<Vec<(f64, f64)>> = dx
-            .par_chunks_mut(group_len)
-            .zip(x.par_chunks(group_len))
-            .zip(dy.par_chunks(group_len))
+        let mut dx = vec![T::zero(); x.len()];
+        // Per (sample, group): dgamma and dbeta of its channels, summed over samples below.
+        let mut partials = vec![0f64; x.len() / spatial * 2];
+        dx.par_chunks_mut(cg * spatial)
+            .zip(x.par_chunks(cg * spatial))
+            .zip(dy.par_chunks(cg * spatial))
+            .zip(partials.par_chunks_mut(2 * cg))
             .enumerate()
-            .map(|(i, ((dx, x), dy))| {
-                let g = i % self.groups;
-                let (mean, rstd) = moments(x, self.eps);
-                let (mean_t, rstd_t) = (T::from_f64(mean), T::from_f64(rstd));
-                let mut part = Vec::with_capacity(cg);
-                // dx = rstd * (dxhat - mean(dxhat) - xhat * mean(dxhat * xhat)), dxhat = dz * gamma.
-                let (mut sum1, mut sum2) = (0f64, 0f64);
-                for ci in 0..cg {
-                    let ch = g * cg + ci;
-                    let (gm, bt) = (gamma[ch], beta[ch]);
-                    let (mut dgamma, mut dbeta) = (0f64, 0f64);
-                    let range = ci * spatial..(ci + 1) * spatial;
-                    for ((d, &v), &gy) in dx[range.clone()]
-                        .iter_mut()
-                        .zip(&x[range.clone()])
-                        .zip(&dy[range])
-                    {
-                        let xhat = (v - mean_t) * rstd_t;
-                        let dz = if self.silu {
-                            let z = xhat * gm + bt;
-                            let s = sigmoid(z);
-                            gy * s * (T::one() + z * (T::one() - s))
-                        } else {
-                            gy
-                        };
-                        let (dz64, xhat64) = (dz.to_f64(), xhat.to_f64());
-                        dbeta += dz64;
-                        dgamma += dz64 * xhat64;
-                        let dxhat = dz * gm;
-                        sum1 += dxhat.to_f64();
-                        sum2 += dxhat.to_f64() * xhat64;
-                        *d = dxhat;
-                    }
-                    part.push((dgamma, dbeta));
-                }
-                let len = x.len() as f64;
-                let (m1, m2) = (T::from_f64(sum1 / len), T::from_f64(sum2 / len));
-                for (d, &v) in dx.iter_mut().zip(x) {
-                    let xhat = (v - mean_t) * rstd_t;
-                    *d = rstd_t * (*d - m1 - xhat * m2);
-                }
-                part
-            })
-            .collect();
-        let mut acc = vec![(0f64, 0f64); c];
-        for (i, part) in partials.iter().enumerate() {
-            let g = i % self.groups;
-            for (ci, (dg, db)) in part.iter().enumerate() {
-                acc[g * cg + ci].0 += dg;
-                acc[g * cg + ci].1 += db;
+            .for_each(|(i, (((dx, x), dy), part))| {
+                let ch = (i % self.groups) * cg..(i % self.groups + 1) * cg;
+                group_norm_bwd(
+                    x,
+                    dy,
+                    dx,
+                    &gamma[ch.clone()],
+                    &beta[ch],
+                    part,
+                    spatial,
+                    self.eps,
+                    self.silu,
+                );
+            });
+        let (mut dgamma, mut dbeta) = (vec![0f64; c], vec![0f64; c]);
+        for (i, part) in partials.chunks(2 * cg).enumerate() {
+            let c0 = (i % self.groups) * cg;
+            for ci in 0..cg {
+                dgamma[c0 + ci] += part[ci];
+                dbeta[c0 + ci] += part[cg + ci];
             }
         }
-        for (ch, (dg, db)) in acc.into_iter().enumerate() {
-            dparams[ch] = T::from_f64(dg);
-            dparams[c + ch] = T::from_f64(db);
-        }
-        out
+        let to_t = |v: Vec<f64>| v.into_iter().map(T::from_f64).collect();
+        (dx, to_t(dgamma), to_t(dbeta))
     }
 }
 
@@ -247,12 +496,12 @@ impl CustomOp3 for GroupNormOp {
         bs: &CpuStorage,
         bl: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let (_, spatial) = self.dims(xl, gl.shape().elem_count())?;
+        let (cg, spatial) = self.dims(xl.dims(), gl.shape().elem_count())?;
         dispatch!(self.name(), xs, T => {
             let x = slice::<T>(xs, xl, self.name())?;
             let g = slice::<T>(gs, gl, self.name())?;
             let b = slice::<T>(bs, bl, self.name())?;
-            Ok(storage(self.fwd(x, g, b, spatial), xl.shape().clone()))
+            Ok(storage(self.fwd(x, g, b, cg, spatial), xl.shape().clone()))
         })
     }
 
@@ -264,56 +513,18 @@ impl CustomOp3 for GroupNormOp {
         _res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let c = gamma.elem_count();
-        let n = x.elem_count();
-        let params = Tensor::cat(&[gamma, beta], 0)?;
-        let packed = grad.contiguous()?.apply_op3_no_bwd(
-            x,
-            &params,
-            &GroupNormBwd {
-                op: GroupNormOp {
-                    groups: self.groups,
-                    eps: self.eps,
-                    silu: self.silu,
-                },
-            },
-        )?;
-        let dx = packed.narrow(0, 0, n)?.reshape(x.shape())?;
-        let dgamma = packed.narrow(0, n, c)?;
-        let dbeta = packed.narrow(0, n + c, c)?;
-        Ok((Some(dx), Some(dgamma), Some(dbeta)))
-    }
-}
-
-/// The backward kernel of [`GroupNormOp`]: (dy, x, [gamma; beta]) -> [dx; dgamma; dbeta].
-struct GroupNormBwd {
-    op: GroupNormOp,
-}
-
-impl CustomOp3 for GroupNormBwd {
-    fn name(&self) -> &'static str {
-        "fused-group-norm-bwd"
-    }
-
-    fn cpu_fwd(
-        &self,
-        dys: &CpuStorage,
-        dyl: &Layout,
-        xs: &CpuStorage,
-        xl: &Layout,
-        ps: &CpuStorage,
-        pl: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        let c = pl.shape().elem_count() / 2;
-        let (_, spatial) = self.op.dims(xl, c)?;
-        dispatch!(self.name(), xs, T => {
-            let dy = slice::<T>(dys, dyl, self.name())?;
-            let x = slice::<T>(xs, xl, self.name())?;
-            let p = slice::<T>(ps, pl, self.name())?;
-            let out = self.op.bwd(x, dy, &p[..c], &p[c..], spatial);
-            let len = out.len();
-            Ok(storage(out, len))
-        })
+        let (cg, spatial) = self.dims(x.dims(), gamma.elem_count())?;
+        let (dx, dg, db) = dispatch_dtype!(self.name(), x.dtype(), T => {
+            with_data::<T, _>(&[x, grad, gamma, beta], |d| {
+                let (dx, dg, db) = self.bwd(d[0], d[1], d[2], d[3], cg, spatial);
+                Ok((
+                    cpu_tensor(dx, x.shape())?,
+                    cpu_tensor(dg, gamma.shape())?,
+                    cpu_tensor(db, beta.shape())?,
+                ))
+            })?
+        });
+        Ok((Some(dx), Some(dg), Some(db)))
     }
 }
 
@@ -341,6 +552,55 @@ pub fn group_norm(
 /// Rows per parallel task of the row-wise kernels.
 const ROWS_PER_TASK: usize = 64;
 
+multiversion! {
+    /// LayerNorm of the rows (of `gamma.len()` values) in `x` into `out`.
+    fn layer_norm_fwd<T: Real>(x: &[T], out: &mut [T], gamma: &[T], beta: &[T], eps: f64) {
+        let d = gamma.len();
+        for (o, x) in out.chunks_mut(d).zip(x.chunks(d)) {
+            let (mean, rstd) = moments(x, eps);
+            let (mean, rstd) = (T::from_f64(mean), T::from_f64(rstd));
+            for (((o, &v), &g), &b) in o.iter_mut().zip(x).zip(gamma).zip(beta) {
+                *o = (v - mean) * rstd * g + b;
+            }
+        }
+    }
+}
+
+multiversion! {
+    /// The backward of [`layer_norm_fwd`] for some rows: dx, and the rows' dgamma (first d)
+    /// and dbeta (last d) added into `part`.
+    fn layer_norm_bwd<T: Real>(
+        x: &[T],
+        dy: &[T],
+        dx: &mut [T],
+        gamma: &[T],
+        part: &mut [f64],
+        eps: f64,
+    ) {
+        let d = gamma.len();
+        let (pg, pb) = part.split_at_mut(d);
+        for ((dx, x), dy) in dx.chunks_mut(d).zip(x.chunks(d)).zip(dy.chunks(d)) {
+            let (mean, rstd) = moments(x, eps);
+            let (mean, rstd) = (T::from_f64(mean), T::from_f64(rstd));
+            for j in 0..d {
+                let xhat = (x[j] - mean) * rstd;
+                pg[j] += (dy[j] * xhat).to_f64();
+                pb[j] += dy[j].to_f64();
+                dx[j] = dy[j] * gamma[j];
+            }
+            // dx = rstd * (dxhat - mean(dxhat) - xhat * mean(dxhat * xhat))
+            let (s1, s2) = sum2_f64(dx, x, mean);
+            let m1 = T::from_f64(s1 / d as f64);
+            let m2 = T::from_f64(s2 / d as f64) * rstd;
+            for (g, &v) in dx.iter_mut().zip(x) {
+                let xhat = (v - mean) * rstd;
+                *g = rstd * (*g - m1 - xhat * m2);
+            }
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
 struct LayerNormOp {
     eps: f64,
 }
@@ -351,63 +611,33 @@ impl LayerNormOp {
         let mut out = vec![T::zero(); x.len()];
         out.par_chunks_mut(d * ROWS_PER_TASK)
             .zip(x.par_chunks(d * ROWS_PER_TASK))
-            .for_each(|(out, x)| {
-                for (o, x) in out.chunks_mut(d).zip(x.chunks(d)) {
-                    let (mean, rstd) = moments(x, self.eps);
-                    let (mean, rstd) = (T::from_f64(mean), T::from_f64(rstd));
-                    for (((o, &v), &g), &b) in o.iter_mut().zip(x).zip(gamma).zip(beta) {
-                        *o = (v - mean) * rstd * g + b;
-                    }
-                }
-            });
+            .for_each(|(out, x)| layer_norm_fwd(x, out, gamma, beta, self.eps));
         out
     }
 
-    /// Returns dx followed by dgamma and dbeta (D each).
-    fn bwd<T: Real>(&self, x: &[T], dy: &[T], gamma: &[T]) -> Vec<T> {
+    /// (dx, dgamma, dbeta)
+    fn bwd<T: Real>(&self, x: &[T], dy: &[T], gamma: &[T]) -> (Vec<T>, Vec<T>, Vec<T>) {
         let d = gamma.len();
-        let n = x.len();
-        let mut out = vec![T::zero(); n + 2 * d];
-        let (dx, dparams) = out.split_at_mut(n);
-        let partials: Vec<Vec<f64>> = dx
+        let mut dx = vec![T::zero(); x.len()];
+        let parts: Vec<Vec<f64>> = dx
             .par_chunks_mut(d * ROWS_PER_TASK)
             .zip(x.par_chunks(d * ROWS_PER_TASK))
             .zip(dy.par_chunks(d * ROWS_PER_TASK))
             .map(|((dx, x), dy)| {
-                // dgamma (d) then dbeta (d) for these rows.
                 let mut part = vec![0f64; 2 * d];
-                for ((dx, x), dy) in dx.chunks_mut(d).zip(x.chunks(d)).zip(dy.chunks(d)) {
-                    let (mean, rstd) = moments(x, self.eps);
-                    let (mean, rstd) = (T::from_f64(mean), T::from_f64(rstd));
-                    let (mut sum1, mut sum2) = (0f64, 0f64);
-                    for (j, ((d_out, &v), &gy)) in dx.iter_mut().zip(x).zip(dy).enumerate() {
-                        let xhat = (v - mean) * rstd;
-                        part[j] += (gy * xhat).to_f64();
-                        part[d + j] += gy.to_f64();
-                        let dxhat = gy * gamma[j];
-                        sum1 += dxhat.to_f64();
-                        sum2 += (dxhat * xhat).to_f64();
-                        *d_out = dxhat;
-                    }
-                    let (m1, m2) = (T::from_f64(sum1 / d as f64), T::from_f64(sum2 / d as f64));
-                    for (d_out, &v) in dx.iter_mut().zip(x) {
-                        let xhat = (v - mean) * rstd;
-                        *d_out = rstd * (*d_out - m1 - xhat * m2);
-                    }
-                }
+                layer_norm_bwd(x, dy, dx, gamma, &mut part, self.eps);
                 part
             })
             .collect();
         let mut acc = vec![0f64; 2 * d];
-        for part in &partials {
+        for part in &parts {
             for (a, p) in acc.iter_mut().zip(part) {
                 *a += p;
             }
         }
-        for (o, a) in dparams.iter_mut().zip(acc) {
-            *o = T::from_f64(a);
-        }
-        out
+        let dgamma = acc[..d].iter().map(|&v| T::from_f64(v)).collect();
+        let dbeta = acc[d..].iter().map(|&v| T::from_f64(v)).collect();
+        (dx, dgamma, dbeta)
     }
 }
 
@@ -441,175 +671,319 @@ impl CustomOp3 for LayerNormOp {
         &self,
         x: &Tensor,
         gamma: &Tensor,
-        _beta: &Tensor,
+        beta: &Tensor,
         _res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let d = gamma.elem_count();
-        let n = x.elem_count();
-        let packed = grad.contiguous()?.apply_op3_no_bwd(
-            x,
-            gamma,
-            &LayerNormBwd {
-                op: LayerNormOp { eps: self.eps },
-            },
-        )?;
-        let dx = packed.narrow(0, 0, n)?.reshape(x.shape())?;
-        let dgamma = packed.narrow(0, n, d)?;
-        let dbeta = packed.narrow(0, n + d, d)?;
-        Ok((Some(dx), Some(dgamma), Some(dbeta)))
-    }
-}
-
-/// The backward kernel of [`LayerNormOp`]: (dy, x, gamma) -> [dx; dgamma; dbeta].
-struct LayerNormBwd {
-    op: LayerNormOp,
-}
-
-impl CustomOp3 for LayerNormBwd {
-    fn name(&self) -> &'static str {
-        "fused-layer-norm-bwd"
-    }
-
-    fn cpu_fwd(
-        &self,
-        dys: &CpuStorage,
-        dyl: &Layout,
-        xs: &CpuStorage,
-        xl: &Layout,
-        gs: &CpuStorage,
-        gl: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        dispatch!(self.name(), xs, T => {
-            let dy = slice::<T>(dys, dyl, self.name())?;
-            let x = slice::<T>(xs, xl, self.name())?;
-            let g = slice::<T>(gs, gl, self.name())?;
-            let out = self.op.bwd(x, dy, g);
-            let len = out.len();
-            Ok(storage(out, len))
-        })
+        let (dx, dg, db) = dispatch_dtype!(self.name(), x.dtype(), T => {
+            with_data::<T, _>(&[x, grad, gamma], |d| {
+                let (dx, dg, db) = self.bwd(d[0], d[1], d[2]);
+                Ok((
+                    cpu_tensor(dx, x.shape())?,
+                    cpu_tensor(dg, gamma.shape())?,
+                    cpu_tensor(db, beta.shape())?,
+                ))
+            })?
+        });
+        Ok((Some(dx), Some(dg), Some(db)))
     }
 }
 
 /// LayerNorm over the last dimension with `gamma`/`beta` of that size. Requires [`applies`].
 pub fn layer_norm(x: &Tensor, gamma: &Tensor, beta: &Tensor, eps: f64) -> Result<Tensor> {
-    x.contiguous()?
-        .apply_op3(&gamma.contiguous()?, &beta.contiguous()?, LayerNormOp { eps })
+    x.contiguous()?.apply_op3(
+        &gamma.contiguous()?,
+        &beta.contiguous()?,
+        LayerNormOp { eps },
+    )
 }
 
 // ---------------------------------------------------------------------------------------------
-// Softmax over the last dimension, with a scale folded in
+// Attention: softmax(scale · q kᵀ) v per head, scores never materialised beyond a block
 // ---------------------------------------------------------------------------------------------
 
-/// softmax(scale * x) over the last dimension.
-struct ScaledSoftmax {
+/// Query rows per block. The kernels keep a block's scores transposed, (Nk, ROWS), so that
+/// every inner loop runs over ROWS queries held in fixed-size arrays: vector registers.
+const ROWS: usize = 64;
+
+type Rows<T> = [T; ROWS];
+
+/// `out[c][r] = x[(r0 + r) * d + c] * scale` for the block starting at row `r0` (zero past the
+/// last row).
+#[inline(always)]
+fn block_transposed<T: Real>(x: &[T], r0: usize, d: usize, scale: T, out: &mut [Rows<T>]) {
+    let rows = (x.len() / d - r0).min(ROWS);
+    for (c, o) in out.iter_mut().enumerate() {
+        for (r, o) in o.iter_mut().enumerate() {
+            *o = if r < rows {
+                x[(r0 + r) * d + c] * scale
+            } else {
+                T::zero()
+            };
+        }
+    }
+}
+
+/// Dot product of two row blocks, in eight lanes.
+#[inline(always)]
+fn dot_rows<T: Real>(a: &Rows<T>, b: &Rows<T>) -> T {
+    let mut lanes = [T::zero(); 8];
+    for (x, y) in a.chunks_exact(8).zip(b.chunks_exact(8)) {
+        for l in 0..8 {
+            lanes[l] += x[l] * y[l];
+        }
+    }
+    let mut s = T::zero();
+    for v in lanes {
+        s += v;
+    }
+    s
+}
+
+/// The probabilities of a block of queries (`qt`: (d, ROWS), already scaled) against the keys
+/// `k` (nk, d), transposed: `pt[j][r]` = softmax over j of q_r . k_j.
+#[inline(always)]
+fn block_probs<T: Real>(qt: &[Rows<T>], k: &[T], d: usize, pt: &mut [Rows<T>]) {
+    for (s, kj) in pt.iter_mut().zip(k.chunks(d)) {
+        *s = [T::zero(); ROWS];
+        for (qc, &kc) in qt.iter().zip(kj) {
+            for r in 0..ROWS {
+                s[r] += kc * qc[r];
+            }
+        }
+    }
+    let mut max = pt[0];
+    for s in pt.iter() {
+        for r in 0..ROWS {
+            max[r] = if s[r] > max[r] { s[r] } else { max[r] };
+        }
+    }
+    let mut sum = [T::zero(); ROWS];
+    for s in pt.iter_mut() {
+        for r in 0..ROWS {
+            s[r] = (s[r] - max[r]).exp();
+            sum[r] += s[r];
+        }
+    }
+    for v in sum.iter_mut() {
+        *v = T::one() / *v;
+    }
+    for s in pt.iter_mut() {
+        for r in 0..ROWS {
+            s[r] *= sum[r];
+        }
+    }
+}
+
+multiversion! {
+    /// One head: `o` (nq, d) = softmax(scale q kᵀ) v for q (nq, d), k and v (nk, d).
+    fn attention_head_fwd<T: Real>(q: &[T], k: &[T], v: &[T], o: &mut [T], nk: usize, d: usize, scale: f64) {
+        let scale = T::from_f64(scale);
+        let nq = q.len() / d;
+        let mut qt = vec![[T::zero(); ROWS]; d];
+        let mut pt = vec![[T::zero(); ROWS]; nk];
+        for r0 in (0..nq).step_by(ROWS) {
+            let rows = (nq - r0).min(ROWS);
+            block_transposed(q, r0, d, scale, &mut qt);
+            block_probs(&qt, k, d, &mut pt);
+            for c in 0..d {
+                let mut acc = [T::zero(); ROWS];
+                for (p, vj) in pt.iter().zip(v.chunks(d)) {
+                    let vjc = vj[c];
+                    for r in 0..ROWS {
+                        acc[r] += vjc * p[r];
+                    }
+                }
+                for r in 0..rows {
+                    o[(r0 + r) * d + c] = acc[r];
+                }
+            }
+        }
+    }
+}
+
+multiversion! {
+    /// The backward of [`attention_head_fwd`]: dq (nq, d), dk and dv (nk, d), zero on entry.
+    fn attention_head_bwd<T: Real>(
+        q: &[T],
+        k: &[T],
+        v: &[T],
+        dout: &[T],
+        dq: &mut [T],
+        dk: &mut [T],
+        dv: &mut [T],
+        nk: usize,
+        d: usize,
+        scale: f64,
+    ) {
+        let scale = T::from_f64(scale);
+        let nq = q.len() / d;
+        let (mut qt, mut qt_scaled, mut dot) = (
+            vec![[T::zero(); ROWS]; d],
+            vec![[T::zero(); ROWS]; d],
+            vec![[T::zero(); ROWS]; d],
+        );
+        let (mut pt, mut dst) = (vec![[T::zero(); ROWS]; nk], vec![[T::zero(); ROWS]; nk]);
+        for r0 in (0..nq).step_by(ROWS) {
+            let rows = (nq - r0).min(ROWS);
+            block_transposed(q, r0, d, T::one(), &mut qt);
+            block_transposed(q, r0, d, scale, &mut qt_scaled);
+            block_transposed(dout, r0, d, T::one(), &mut dot);
+            block_probs(&qt_scaled, k, d, &mut pt);
+            // dp_jr = do_r . v_j; centre_r = sum_j p_jr dp_jr; ds_jr = scale p_jr (dp_jr - centre_r)
+            let mut centre = [T::zero(); ROWS];
+            for ((ds, p), vj) in dst.iter_mut().zip(&pt).zip(v.chunks(d)) {
+                *ds = [T::zero(); ROWS];
+                for (doc, &vc) in dot.iter().zip(vj) {
+                    for r in 0..ROWS {
+                        ds[r] += vc * doc[r];
+                    }
+                }
+                for r in 0..ROWS {
+                    centre[r] += p[r] * ds[r];
+                }
+            }
+            for (ds, p) in dst.iter_mut().zip(&pt) {
+                for r in 0..ROWS {
+                    ds[r] = p[r] * (ds[r] - centre[r]) * scale;
+                }
+            }
+            // dv_j += sum_r p_jr do_r; dk_j += sum_r ds_jr q_r
+            for (j, (p, ds)) in pt.iter().zip(&dst).enumerate() {
+                for c in 0..d {
+                    dv[j * d + c] += dot_rows(p, &dot[c]);
+                    dk[j * d + c] += dot_rows(ds, &qt[c]);
+                }
+            }
+            // dq_r = sum_j ds_jr k_j
+            for c in 0..d {
+                let mut acc = [T::zero(); ROWS];
+                for (ds, kj) in dst.iter().zip(k.chunks(d)) {
+                    let kjc = kj[c];
+                    for r in 0..ROWS {
+                        acc[r] += kjc * ds[r];
+                    }
+                }
+                for r in 0..rows {
+                    dq[(r0 + r) * d + c] = acc[r];
+                }
+            }
+        }
+    }
+}
+
+/// Scaled dot-product attention over (B, H, N, d) tensors: one task per head, whose scores
+/// exist only one block of query rows at a time. The backward recomputes them.
+#[derive(Debug, Clone, Copy)]
+struct AttentionOp {
     scale: f64,
 }
 
-impl ScaledSoftmax {
-    fn fwd<T: Real>(&self, x: &[T], d: usize) -> Vec<T> {
-        let scale = T::from_f64(self.scale);
-        let mut out = vec![T::zero(); x.len()];
-        out.par_chunks_mut(d * ROWS_PER_TASK)
-            .zip(x.par_chunks(d * ROWS_PER_TASK))
-            .for_each(|(out, x)| {
-                for (o, x) in out.chunks_mut(d).zip(x.chunks(d)) {
-                    let mut max = x[0] * scale;
-                    for &v in x {
-                        let v = v * scale;
-                        if v > max {
-                            max = v;
-                        }
-                    }
-                    let mut sum = T::zero();
-                    for (o, &v) in o.iter_mut().zip(x) {
-                        let e = (v * scale - max).exp();
-                        *o = e;
-                        sum += e;
-                    }
-                    for o in o.iter_mut() {
-                        *o /= sum;
-                    }
-                }
+impl AttentionOp {
+    /// (heads, nq, nk, d)
+    fn dims(q: &[usize], k: &[usize], v: &[usize]) -> Result<(usize, usize, usize, usize)> {
+        match (q, k) {
+            (&[b, h, nq, d], &[bk, hk, nk, dk])
+                if (bk, hk, dk) == (b, h, d) && v == k && nk > 0 && d > 0 =>
+            {
+                Ok((b * h, nq, nk, d))
+            }
+            _ => bail!("attention: q {q:?}, k {k:?}, v {v:?}"),
+        }
+    }
+
+    /// (dq, dk, dv)
+    fn bwd_impl<T: Real>(
+        &self,
+        q: &[T],
+        k: &[T],
+        v: &[T],
+        dout: &[T],
+        (nq, nk, d): (usize, usize, usize),
+    ) -> (Vec<T>, Vec<T>, Vec<T>) {
+        let mut dq = vec![T::zero(); q.len()];
+        let mut dk = vec![T::zero(); k.len()];
+        let mut dv = vec![T::zero(); v.len()];
+        dq.par_chunks_mut(nq * d)
+            .zip(dk.par_chunks_mut(nk * d))
+            .zip(dv.par_chunks_mut(nk * d))
+            .enumerate()
+            .for_each(|(h, ((dq, dk), dv))| {
+                let (hq, hk) = (h * nq * d..(h + 1) * nq * d, h * nk * d..(h + 1) * nk * d);
+                attention_head_bwd(
+                    &q[hq.clone()],
+                    &k[hk.clone()],
+                    &v[hk],
+                    &dout[hq],
+                    dq,
+                    dk,
+                    dv,
+                    nk,
+                    d,
+                    self.scale,
+                );
             });
-        out
-    }
-
-    /// dx = scale * y * (dy - sum(dy * y)) per row.
-    fn bwd<T: Real>(&self, y: &[T], dy: &[T], d: usize) -> Vec<T> {
-        let scale = T::from_f64(self.scale);
-        let mut out = vec![T::zero(); y.len()];
-        out.par_chunks_mut(d * ROWS_PER_TASK)
-            .zip(y.par_chunks(d * ROWS_PER_TASK))
-            .zip(dy.par_chunks(d * ROWS_PER_TASK))
-            .for_each(|((out, y), dy)| {
-                for ((o, y), dy) in out.chunks_mut(d).zip(y.chunks(d)).zip(dy.chunks(d)) {
-                    let mut dot = T::zero();
-                    for (&a, &b) in y.iter().zip(dy) {
-                        dot += a * b;
-                    }
-                    for ((o, &y), &g) in o.iter_mut().zip(y).zip(dy) {
-                        *o = scale * y * (g - dot);
-                    }
-                }
-            });
-        out
+        (dq, dk, dv)
     }
 }
 
-impl CustomOp1 for ScaledSoftmax {
+impl CustomOp3 for AttentionOp {
     fn name(&self) -> &'static str {
-        "fused-scaled-softmax"
-    }
-
-    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
-        let d = *l.dims().last().unwrap_or(&1);
-        dispatch!(self.name(), s, T => {
-            let x = slice::<T>(s, l, self.name())?;
-            Ok(storage(self.fwd(x, d), l.shape().clone()))
-        })
-    }
-
-    fn bwd(&self, _arg: &Tensor, res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
-        let dx = grad.contiguous()?.apply_op2_no_bwd(
-            res,
-            &ScaledSoftmaxBwd {
-                op: ScaledSoftmax { scale: self.scale },
-            },
-        )?;
-        Ok(Some(dx))
-    }
-}
-
-/// The backward kernel of [`ScaledSoftmax`]: (dy, y) -> dx.
-struct ScaledSoftmaxBwd {
-    op: ScaledSoftmax,
-}
-
-impl CustomOp2 for ScaledSoftmaxBwd {
-    fn name(&self) -> &'static str {
-        "fused-scaled-softmax-bwd"
+        "fused-attention"
     }
 
     fn cpu_fwd(
         &self,
-        dys: &CpuStorage,
-        dyl: &Layout,
-        ys: &CpuStorage,
-        yl: &Layout,
+        qs: &CpuStorage,
+        ql: &Layout,
+        ks: &CpuStorage,
+        kl: &Layout,
+        vs: &CpuStorage,
+        vl: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let d = *yl.dims().last().unwrap_or(&1);
-        dispatch!(self.name(), ys, T => {
-            let dy = slice::<T>(dys, dyl, self.name())?;
-            let y = slice::<T>(ys, yl, self.name())?;
-            Ok(storage(self.op.bwd(y, dy, d), yl.shape().clone()))
+        let (_, nq, nk, d) = Self::dims(ql.dims(), kl.dims(), vl.dims())?;
+        dispatch!(self.name(), qs, T => {
+            let q = slice::<T>(qs, ql, self.name())?;
+            let k = slice::<T>(ks, kl, self.name())?;
+            let v = slice::<T>(vs, vl, self.name())?;
+            let mut o = vec![T::from_f64(0.0); q.len()];
+            o.par_chunks_mut(nq * d).enumerate().for_each(|(h, o)| {
+                let hk = h * nk * d..(h + 1) * nk * d;
+                let hq = &q[h * nq * d..][..nq * d];
+                attention_head_fwd(hq, &k[hk.clone()], &v[hk], o, nk, d, self.scale);
+            });
+            Ok(storage(o, ql.shape().clone()))
         })
+    }
+
+    fn bwd(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (_, nq, nk, d) = Self::dims(q.dims(), k.dims(), v.dims())?;
+        let (dq, dk, dv) = dispatch_dtype!(self.name(), q.dtype(), T => {
+            with_data::<T, _>(&[q, k, v, grad], |t| {
+                let (dq, dk, dv) = self.bwd_impl(t[0], t[1], t[2], t[3], (nq, nk, d));
+                Ok((
+                    cpu_tensor(dq, q.shape())?,
+                    cpu_tensor(dk, k.shape())?,
+                    cpu_tensor(dv, v.shape())?,
+                ))
+            })?
+        });
+        Ok((Some(dq), Some(dk), Some(dv)))
     }
 }
 
-/// softmax(scale * x) over the last dimension. Requires [`applies`].
-pub fn scaled_softmax_last_dim(x: &Tensor, scale: f64) -> Result<Tensor> {
-    x.contiguous()?.apply_op1(ScaledSoftmax { scale })
+/// softmax(scale · q kᵀ) v for `q` (B, H, Nq, d), `k`, `v` (B, H, Nk, d), as one graph node
+/// that never holds more than a block of scores per head. Requires [`applies`].
+pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Result<Tensor> {
+    q.contiguous()?
+        .apply_op3(&k.contiguous()?, &v.contiguous()?, AttentionOp { scale })
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -618,62 +992,41 @@ pub fn scaled_softmax_last_dim(x: &Tensor, scale: f64) -> Result<Tensor> {
 
 const FRAC_1_SQRT_2PI: f64 = 0.398_942_280_401_432_7;
 
-fn erf<T: WithDType>(x: T) -> T {
-    T::from_f64(candle_core::cpu::erf::erf_f64(x.to_f64()))
-}
-
-struct Geglu;
-
-impl Geglu {
-    /// (rows, 2 * inner) -> (rows, inner)
-    fn fwd<T: Real>(&self, h: &[T], inner: usize) -> Vec<T> {
+multiversion! {
+    /// Rows of `h` (2 * inner: value, gate) -> rows of `out` (inner): value * gelu_erf(gate).
+    fn geglu_fwd<T: Real>(h: &[T], out: &mut [T], inner: usize) {
         let half = T::from_f64(0.5);
         let inv_sqrt2 = T::from_f64(std::f64::consts::FRAC_1_SQRT_2);
-        let rows = h.len() / (2 * inner);
-        let mut out = vec![T::zero(); rows * inner];
-        out.par_chunks_mut(inner * ROWS_PER_TASK)
-            .zip(h.par_chunks(2 * inner * ROWS_PER_TASK))
-            .for_each(|(out, h)| {
-                for (o, h) in out.chunks_mut(inner).zip(h.chunks(2 * inner)) {
-                    let (value, gate) = h.split_at(inner);
-                    for ((o, &v), &g) in o.iter_mut().zip(value).zip(gate) {
-                        let gelu = half * g * (T::one() + erf(g * inv_sqrt2));
-                        *o = v * gelu;
-                    }
-                }
-            });
-        out
+        for (o, h) in out.chunks_mut(inner).zip(h.chunks(2 * inner)) {
+            let (value, gate) = h.split_at(inner);
+            for ((o, &v), &g) in o.iter_mut().zip(value).zip(gate) {
+                *o = v * (half * g * (T::one() + (g * inv_sqrt2).erf()));
+            }
+        }
     }
+}
 
-    /// (h, dy) -> dh: d value = dy * gelu(gate), d gate = dy * value * gelu'(gate).
-    fn bwd<T: Real>(&self, h: &[T], dy: &[T], inner: usize) -> Vec<T> {
+multiversion! {
+    /// The backward of [`geglu_fwd`]: d value = dy gelu(gate), d gate = dy value gelu'(gate).
+    fn geglu_bwd<T: Real>(h: &[T], dy: &[T], dh: &mut [T], inner: usize) {
         let half = T::from_f64(0.5);
         let inv_sqrt2 = T::from_f64(std::f64::consts::FRAC_1_SQRT_2);
         let c = T::from_f64(FRAC_1_SQRT_2PI);
-        let mut out = vec![T::zero(); h.len()];
-        out.par_chunks_mut(2 * inner * ROWS_PER_TASK)
-            .zip(h.par_chunks(2 * inner * ROWS_PER_TASK))
-            .zip(dy.par_chunks(inner * ROWS_PER_TASK))
-            .for_each(|((out, h), dy)| {
-                for ((o, h), dy) in out
-                    .chunks_mut(2 * inner)
-                    .zip(h.chunks(2 * inner))
-                    .zip(dy.chunks(inner))
-                {
-                    let (value, gate) = h.split_at(inner);
-                    let (d_value, d_gate) = o.split_at_mut(inner);
-                    for j in 0..inner {
-                        let (v, g, gy) = (value[j], gate[j], dy[j]);
-                        let cdf = half * (T::one() + erf(g * inv_sqrt2));
-                        let pdf = c * (T::zero() - half * g * g).exp();
-                        d_value[j] = gy * g * cdf;
-                        d_gate[j] = gy * v * (cdf + g * pdf);
-                    }
-                }
-            });
-        out
+        for ((o, h), dy) in dh.chunks_mut(2 * inner).zip(h.chunks(2 * inner)).zip(dy.chunks(inner)) {
+            let (value, gate) = h.split_at(inner);
+            let (d_value, d_gate) = o.split_at_mut(inner);
+            for j in 0..inner {
+                let (v, g, gy) = (value[j], gate[j], dy[j]);
+                let cdf = half * (T::one() + (g * inv_sqrt2).erf());
+                let pdf = c * (T::zero() - half * g * g).exp();
+                d_value[j] = gy * g * cdf;
+                d_gate[j] = gy * v * (cdf + g * pdf);
+            }
+        }
     }
 }
+
+struct Geglu;
 
 impl CustomOp1 for Geglu {
     fn name(&self) -> &'static str {
@@ -683,43 +1036,35 @@ impl CustomOp1 for Geglu {
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         let dims = l.dims();
         let last = *dims.last().unwrap_or(&0);
-        if last % 2 != 0 {
+        if !last.is_multiple_of(2) {
             bail!("geglu: last dimension of {dims:?} is odd")
         }
+        let inner = last / 2;
         let mut out_dims = dims.to_vec();
-        *out_dims.last_mut().unwrap() = last / 2;
+        *out_dims.last_mut().unwrap() = inner;
         dispatch!(self.name(), s, T => {
             let h = slice::<T>(s, l, self.name())?;
-            Ok(storage(self.fwd(h, last / 2), out_dims))
+            let mut out = vec![T::from_f64(0.0); h.len() / 2];
+            out.par_chunks_mut(inner * ROWS_PER_TASK)
+                .zip(h.par_chunks(2 * inner * ROWS_PER_TASK))
+                .for_each(|(out, h)| geglu_fwd(h, out, inner));
+            Ok(storage(out, out_dims))
         })
     }
 
-    fn bwd(&self, arg: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
-        Ok(Some(grad.contiguous()?.apply_op2_no_bwd(arg, &GegluBwd)?))
-    }
-}
-
-/// The backward kernel of [`Geglu`]: (dy, h) -> dh.
-struct GegluBwd;
-
-impl CustomOp2 for GegluBwd {
-    fn name(&self) -> &'static str {
-        "fused-geglu-bwd"
-    }
-
-    fn cpu_fwd(
-        &self,
-        dys: &CpuStorage,
-        dyl: &Layout,
-        hs: &CpuStorage,
-        hl: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        let inner = *hl.dims().last().unwrap_or(&0) / 2;
-        dispatch!(self.name(), hs, T => {
-            let dy = slice::<T>(dys, dyl, self.name())?;
-            let h = slice::<T>(hs, hl, self.name())?;
-            Ok(storage(Geglu.bwd(h, dy, inner), hl.shape().clone()))
-        })
+    fn bwd(&self, h: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        let inner = h.dim(D::Minus1)? / 2;
+        let dh = dispatch_dtype!(self.name(), h.dtype(), T => {
+            with_data::<T, _>(&[h, grad], |t| {
+                let mut dh = vec![T::from_f64(0.0); t[0].len()];
+                dh.par_chunks_mut(2 * inner * ROWS_PER_TASK)
+                    .zip(t[0].par_chunks(2 * inner * ROWS_PER_TASK))
+                    .zip(t[1].par_chunks(inner * ROWS_PER_TASK))
+                    .for_each(|((dh, h), dy)| geglu_bwd(h, dy, dh, inner));
+                cpu_tensor(dh, h.shape())
+            })?
+        });
+        Ok(Some(dh))
     }
 }
 
@@ -733,19 +1078,41 @@ pub fn geglu(h: &Tensor) -> Result<Tensor> {
 // Transposes: (A, P, Q, R) -> (A, Q, P, R)
 // ---------------------------------------------------------------------------------------------
 
-/// Swaps the two middle dimensions of a contiguous (A, P, Q, R) tensor. Its own backward.
-#[derive(Clone, Copy)]
-struct SwapMiddle {
+/// Swaps the two middle dimensions of contiguous data viewed as (A, P, Q, R).
+#[derive(Debug, Clone, Copy)]
+struct Swap {
     a: usize,
     p: usize,
     q: usize,
     r: usize,
 }
 
-impl SwapMiddle {
+impl Swap {
+    fn back(&self) -> Self {
+        Self {
+            a: self.a,
+            p: self.q,
+            q: self.p,
+            r: self.r,
+        }
+    }
+
     fn run<T: WithDType>(&self, x: &[T]) -> Vec<T> {
         let Self { p, q, r, .. } = *self;
         let mut out = vec![T::zero(); x.len()];
+        if x.is_empty() {
+            return out;
+        }
+        if r >= 16 {
+            // Whole runs of r values move: one task per output (a, q) row of p runs.
+            out.par_chunks_mut(p * r).enumerate().for_each(|(i, dst)| {
+                let (ai, qi) = (i / q, i % q);
+                for (pi, d) in dst.chunks_mut(r).enumerate() {
+                    d.copy_from_slice(&x[((ai * p + pi) * q + qi) * r..][..r]);
+                }
+            });
+            return out;
+        }
         out.par_chunks_mut(p * q * r)
             .zip(x.par_chunks(p * q * r))
             .for_each(|(out, x)| {
@@ -774,51 +1141,193 @@ impl SwapMiddle {
     }
 }
 
-impl CustomOp1 for SwapMiddle {
+/// [`Swap`] as a graph node whose output has the shape `out`; its backward swaps back.
+struct SwapOp {
+    swap: Swap,
+    out: Shape,
+}
+
+impl CustomOp1 for SwapOp {
     fn name(&self) -> &'static str {
-        "swap-middle-dims"
+        "swap-dims"
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
-        if l.shape().elem_count() != self.a * self.p * self.q * self.r {
-            bail!("swap-middle-dims: input {:?}", l.dims())
+        let Swap { a, p, q, r } = self.swap;
+        if l.shape().elem_count() != a * p * q * r || self.out.elem_count() != a * p * q * r {
+            bail!("swap-dims: input {:?} as {:?}", l.dims(), (a, p, q, r))
         }
         dispatch!(self.name(), s, T => {
             let x = slice::<T>(s, l, self.name())?;
-            Ok(storage(self.run(x), (self.a, self.q, self.p, self.r)))
+            Ok(storage(self.swap.run(x), self.out.clone()))
         })
     }
 
-    fn bwd(&self, _arg: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
-        let back = SwapMiddle {
-            a: self.a,
-            p: self.q,
-            q: self.p,
-            r: self.r,
+    fn bwd(&self, arg: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        let back = SwapOp {
+            swap: self.swap.back(),
+            out: arg.shape().clone(),
         };
         Ok(Some(grad.contiguous()?.apply_op1(back)?))
     }
 }
 
-/// `x.transpose(d, d + 1).contiguous()` where `x` has dims (A.., P, Q, R..) with P at `d`.
-/// Requires [`applies`].
-pub fn transpose_contiguous(x: &Tensor, d: usize) -> Result<Tensor> {
-    let dims = x.dims();
-    if d + 1 >= dims.len() {
-        bail!("transpose_contiguous: dim {d} of {dims:?}")
-    }
-    let a: usize = dims[..d].iter().product();
-    let r: usize = dims[d + 2..].iter().product();
-    let (p, q) = (dims[d], dims[d + 1]);
-    let mut out_dims = dims.to_vec();
-    out_dims.swap(d, d + 1);
-    x.contiguous()?
-        .apply_op1(SwapMiddle { a, p, q, r })?
-        .reshape(out_dims)
+/// Views `x` as (A, P, Q, R), swaps P and Q, and returns the result with shape `out`: one node
+/// for what would be reshape, transpose, copy, reshape. Requires [`applies`].
+pub fn swap_dims(
+    x: &Tensor,
+    view: (usize, usize, usize, usize),
+    out: impl Into<Shape>,
+) -> Result<Tensor> {
+    let (a, p, q, r) = view;
+    x.contiguous()?.apply_op1(SwapOp {
+        swap: Swap { a, p, q, r },
+        out: out.into(),
+    })
 }
 
 // ---------------------------------------------------------------------------------------------
-// Convolution as im2col + one GEMM
+// Linear layer as one node
+// ---------------------------------------------------------------------------------------------
+
+/// `x @ w^T + b` over the last dimension of `x`; one GEMM forward, two (and a row sum) backward.
+struct LinearOp;
+
+impl LinearOp {
+    fn fwd<T: WithDType>(x: &[T], w: &[T], b: Option<&[T]>, k: usize) -> Result<Vec<T>> {
+        let n = w.len() / k;
+        let m = x.len() / k;
+        if n == 0 {
+            return Ok(Vec::new());
+        }
+        let xt = Tensor::from_slice(x, (m, k), &Device::Cpu)?;
+        let wt = Tensor::from_slice(w, (n, k), &Device::Cpu)?;
+        let y = xt.matmul(&wt.t()?)?;
+        with_data::<T, _>(&[&y], |d| {
+            let mut out = d[0].to_vec();
+            if let Some(b) = b {
+                out.par_chunks_mut(n * ROWS_PER_TASK).for_each(|rows| {
+                    for row in rows.chunks_mut(n) {
+                        for (o, &bias) in row.iter_mut().zip(b) {
+                            *o += bias;
+                        }
+                    }
+                });
+            }
+            Ok(out)
+        })
+    }
+
+    fn out_shape(xl: &Layout, wl: &Layout) -> Result<(Shape, usize)> {
+        let (n, k) = wl.shape().dims2()?;
+        let dims = xl.dims();
+        if dims.last() != Some(&k) {
+            bail!("linear: input {dims:?} for weight {:?}", wl.dims())
+        }
+        let mut out = dims.to_vec();
+        *out.last_mut().unwrap() = n;
+        Ok((out.into(), k))
+    }
+
+    /// (dx, dw, db) for `grad` of the output.
+    fn bwd(
+        x: &Tensor,
+        w: &Tensor,
+        grad: &Tensor,
+        bias: bool,
+    ) -> Result<(Tensor, Tensor, Option<Tensor>)> {
+        let (n, k) = w.dims2()?;
+        let m = x.elem_count() / k;
+        let dy = grad.contiguous()?.reshape((m, n))?.detach();
+        let xs = x.detach().reshape((m, k))?;
+        let dx = dy.matmul(&w.detach())?.reshape(x.shape())?;
+        let dw = dy.t()?.matmul(&xs)?;
+        let db = if bias { Some(sum_rows(&dy)?) } else { None };
+        Ok((dx, dw, db))
+    }
+}
+
+impl CustomOp2 for LinearOp {
+    fn name(&self) -> &'static str {
+        "fused-linear"
+    }
+
+    fn cpu_fwd(
+        &self,
+        xs: &CpuStorage,
+        xl: &Layout,
+        ws: &CpuStorage,
+        wl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (shape, k) = Self::out_shape(xl, wl)?;
+        dispatch!("fused-linear", xs, T => {
+            let x = slice::<T>(xs, xl, "fused-linear")?;
+            let w = slice::<T>(ws, wl, "fused-linear")?;
+            Ok(storage(Self::fwd(x, w, None, k)?, shape))
+        })
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let (dx, dw, _) = Self::bwd(x, w, grad, false)?;
+        Ok((Some(dx), Some(dw)))
+    }
+}
+
+impl CustomOp3 for LinearOp {
+    fn name(&self) -> &'static str {
+        "fused-linear"
+    }
+
+    fn cpu_fwd(
+        &self,
+        xs: &CpuStorage,
+        xl: &Layout,
+        ws: &CpuStorage,
+        wl: &Layout,
+        bs: &CpuStorage,
+        bl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (shape, k) = Self::out_shape(xl, wl)?;
+        dispatch!("fused-linear", xs, T => {
+            let x = slice::<T>(xs, xl, "fused-linear")?;
+            let w = slice::<T>(ws, wl, "fused-linear")?;
+            let b = slice::<T>(bs, bl, "fused-linear")?;
+            Ok(storage(Self::fwd(x, w, Some(b), k)?, shape))
+        })
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _b: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (dx, dw, db) = Self::bwd(x, w, grad, true)?;
+        Ok((Some(dx), Some(dw), db))
+    }
+}
+
+/// `x @ weight^T + bias` over the last dimension of `x` (any rank), as one graph node.
+/// Requires [`applies`].
+pub fn linear(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
+    let x = x.contiguous()?;
+    let w = weight.contiguous()?;
+    match bias {
+        Some(b) => x.apply_op3(&w, &b.contiguous()?, LinearOp),
+        None => x.apply_op2(&w, LinearOp),
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Convolution as im2col + one GEMM, as one node
 // ---------------------------------------------------------------------------------------------
 
 /// Geometry of a 2D convolution over (B, C, H, W) with a (kh, kw) kernel.
@@ -833,7 +1342,7 @@ struct ConvGeom {
     stride: usize,
     /// top, bottom, left, right
     pad: [usize; 4],
-    /// Append a column of ones, so that the bias rides along in the GEMM.
+    /// Append a row of ones to the im2col matrix, so that the bias rides along in the GEMM.
     ones: bool,
 }
 
@@ -865,64 +1374,73 @@ impl ConvGeom {
         (iy >= 0 && (iy as usize) < self.h).then_some(iy as usize)
     }
 
-    /// (B, C, H, W) -> (B * oh * ow, C * kh * kw [+ 1]), rows ordered (b, oy, ox) and columns
-    /// (c, ky, kx) like a flattened (C_out, C, kh, kw) weight.
+    /// (B, C, H, W) -> (C * kh * kw [+ 1], B * oh * ow): row (c, ky, kx) holds, for every
+    /// output position (b, oy, ox), the input value under that kernel tap (zero in the
+    /// padding). Rows are contiguous runs copied from input rows, and the GEMMs read the
+    /// matrix in either orientation.
     fn im2col<T: WithDType>(&self, x: &[T]) -> Vec<T> {
         let (oh, ow) = self.out_hw();
-        let kp = self.row_len();
+        let n = self.b * oh * ow;
         let plane = self.h * self.w;
-        let ranges: Vec<_> = (0..self.kw).map(|kx| self.valid_ox(kx, ow)).collect();
-        let mut out = vec![T::zero(); self.b * oh * ow * kp];
-        out.par_chunks_mut(ow * kp).enumerate().for_each(|(r, dst)| {
-            let (b, oy) = (r / oh, r % oh);
-            for c in 0..self.c {
+        let mut out = vec![T::zero(); self.row_len() * n];
+        out.par_chunks_mut(n).enumerate().for_each(|(k, dst)| {
+            if k == self.c * self.kh * self.kw {
+                dst.fill(T::one());
+                return;
+            }
+            let (c, ky, kx) = (k / (self.kh * self.kw), k / self.kw % self.kh, k % self.kw);
+            let range = self.valid_ox(kx, ow);
+            for b in 0..self.b {
                 let src_plane = &x[(b * self.c + c) * plane..][..plane];
-                for ky in 0..self.kh {
+                for oy in 0..oh {
                     let Some(iy) = self.in_y(oy, ky) else {
                         continue;
                     };
                     let src = &src_plane[iy * self.w..][..self.w];
-                    for (kx, range) in ranges.iter().enumerate() {
-                        let k = (c * self.kh + ky) * self.kw + kx;
-                        for ox in range.clone() {
-                            let ix = ox * self.stride + kx - self.pad[2];
-                            dst[ox * kp + k] = src[ix];
+                    let dst = &mut dst[(b * oh + oy) * ow..][..ow];
+                    let ix0 = range.start * self.stride + kx - self.pad[2];
+                    if self.stride == 1 {
+                        dst[range.clone()].copy_from_slice(&src[ix0..][..range.len()]);
+                    } else {
+                        for (d, &v) in dst[range.clone()]
+                            .iter_mut()
+                            .zip(src[ix0..].iter().step_by(self.stride))
+                        {
+                            *d = v;
                         }
                     }
-                }
-            }
-            if self.ones {
-                for ox in 0..ow {
-                    dst[ox * kp + kp - 1] = T::one();
                 }
             }
         });
         out
     }
 
-    /// The adjoint of [`Self::im2col`]: sums each column entry back into its input position.
+    /// The adjoint of [`Self::im2col`]: sums each entry back into its input position.
     fn col2im<T: WithDType>(&self, cols: &[T]) -> Vec<T> {
         let (oh, ow) = self.out_hw();
-        let kp = self.row_len();
-        let kk = self.kh * self.kw;
+        let n = self.b * oh * ow;
         let mut out = vec![T::zero(); self.b * self.c * self.h * self.w];
-        let ranges: Vec<_> = (0..self.kw).map(|kx| self.valid_ox(kx, ow)).collect();
         out.par_chunks_mut(self.h * self.w)
             .enumerate()
             .for_each(|(i, dst)| {
                 let (b, c) = (i / self.c, i % self.c);
-                for oy in 0..oh {
-                    let rows = &cols[(b * oh + oy) * ow * kp..][..ow * kp];
-                    for ky in 0..self.kh {
-                        let Some(iy) = self.in_y(oy, ky) else {
-                            continue;
-                        };
-                        let dst_row = &mut dst[iy * self.w..][..self.w];
-                        for (kx, range) in ranges.iter().enumerate() {
-                            let k = c * kk + ky * self.kw + kx;
-                            for ox in range.clone() {
-                                let ix = ox * self.stride + kx - self.pad[2];
-                                dst_row[ix] += rows[ox * kp + k];
+                for ky in 0..self.kh {
+                    for kx in 0..self.kw {
+                        let k = (c * self.kh + ky) * self.kw + kx;
+                        let range = self.valid_ox(kx, ow);
+                        let ix0 = range.start * self.stride + kx - self.pad[2];
+                        for oy in 0..oh {
+                            let Some(iy) = self.in_y(oy, ky) else {
+                                continue;
+                            };
+                            let src = &cols[k * n + (b * oh + oy) * ow..][..ow];
+                            let dst = &mut dst[iy * self.w..][..self.w];
+                            for (d, &v) in dst[ix0..]
+                                .iter_mut()
+                                .step_by(self.stride)
+                                .zip(&src[range.clone()])
+                            {
+                                *d += v;
                             }
                         }
                     }
@@ -932,57 +1450,165 @@ impl ConvGeom {
     }
 }
 
-struct Im2Col(ConvGeom);
+/// A 2D convolution node: im2col, then one (C_out, C·kh·kw [+1]) x (.., B·oh·ow) GEMM with the
+/// bias as an extra row of ones, then a (C_out, B) -> (B, C_out) swap of whole feature maps. The backward recomputes the
+/// im2col matrix (cheaper than keeping it) and runs two GEMMs and a col2im.
+struct ConvOp(ConvGeom);
 
-impl CustomOp1 for Im2Col {
-    fn name(&self) -> &'static str {
-        "im2col"
+impl ConvOp {
+    /// The (C_out, C·kh·kw [+1]) matrix of the weight and bias.
+    fn weight_matrix<T: WithDType>(w: &[T], b: Option<&[T]>, c_out: usize) -> Vec<T> {
+        let k = w.len() / c_out;
+        let kp = k + usize::from(b.is_some());
+        let mut out = Vec::with_capacity(c_out * kp);
+        for o in 0..c_out {
+            out.extend_from_slice(&w[o * k..][..k]);
+            if let Some(b) = b {
+                out.push(b[o]);
+            }
+        }
+        out
     }
 
-    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+    fn fwd<T: WithDType>(&self, x: &[T], w: &[T], b: Option<&[T]>) -> Result<(CpuStorage, Shape)> {
         let g = self.0;
-        if l.dims() != [g.b, g.c, g.h, g.w] {
-            bail!("im2col: input {:?}, expected {:?}", l.dims(), [g.b, g.c, g.h, g.w])
-        }
         let (oh, ow) = g.out_hw();
-        dispatch!(self.name(), s, T => {
-            let x = slice::<T>(s, l, self.name())?;
-            Ok(storage(g.im2col(x), (g.b * oh * ow, g.row_len())))
+        let c_out = w.len() / (g.c * g.kh * g.kw);
+        let cols = cpu_tensor(g.im2col(x), (g.row_len(), g.b * oh * ow))?;
+        let wm = cpu_tensor(Self::weight_matrix(w, b, c_out), (c_out, g.row_len()))?;
+        // (C_out, B·oh·ow) -> (B, C_out, oh·ow): whole rows move. (The GEMM's output must be
+        // copied out of its tensor anyway, so the swap costs no extra pass.)
+        let out_t = wm.matmul(&cols)?;
+        let swap = Swap {
+            a: 1,
+            p: c_out,
+            q: g.b,
+            r: oh * ow,
+        };
+        let out = with_data::<T, _>(&[&out_t], |d| Ok(swap.run(d[0])))?;
+        Ok(storage(out, (g.b, c_out, oh, ow)))
+    }
+
+    /// (dx, dw, db)
+    fn bwd_impl(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        b: Option<&Tensor>,
+        grad: &Tensor,
+    ) -> Result<(Tensor, Tensor, Option<Tensor>)> {
+        let g = self.0;
+        let (oh, ow) = g.out_hw();
+        let (c_out, _, kh, kw) = w.dims4()?;
+        let k = g.c * kh * kw;
+        let n = g.b * oh * ow;
+        dispatch_dtype!("conv2d-bwd", x.dtype(), T => {
+            let mut ts = vec![grad, x, w];
+            ts.extend(b);
+            let (grad_t, cols, wm) = with_data::<T, _>(&ts, |d| {
+                let swap = Swap { a: 1, p: g.b, q: c_out, r: oh * ow };
+                let grad_t = cpu_tensor(swap.run(d[0]), (c_out, n))?;
+                let cols = cpu_tensor(g.im2col(d[1]), (g.row_len(), n))?;
+                let wm = cpu_tensor(
+                    Self::weight_matrix(d[2], d.get(3).copied(), c_out),
+                    (c_out, g.row_len()),
+                )?;
+                Ok((grad_t, cols, wm))
+            })?;
+            let dwm = grad_t.matmul(&cols.t()?)?;
+            drop(cols);
+            let dcols = wm.t()?.matmul(&grad_t)?;
+            let dx = with_data::<T, _>(&[&dcols], |d| Ok(g.col2im(d[0])))?;
+            let dx = cpu_tensor(dx, (g.b, g.c, g.h, g.w))?;
+            let dw = dwm.narrow(1, 0, k)?.contiguous()?.reshape(w.shape())?;
+            let db = match b {
+                Some(_) => Some(dwm.narrow(1, k, 1)?.contiguous()?.reshape(c_out)?),
+                None => None,
+            };
+            Ok((dx, dw, db))
         })
     }
 
-    fn bwd(&self, _arg: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
-        Ok(Some(grad.contiguous()?.apply_op1(Col2Im(self.0))?))
+    fn check(&self, xl: &Layout, wl: &Layout) -> Result<()> {
+        let g = self.0;
+        let (_, c, kh, kw) = wl.shape().dims4()?;
+        if xl.dims() != [g.b, g.c, g.h, g.w] || c != g.c || kh != g.kh || kw != g.kw {
+            bail!("conv2d: input {:?}, weight {:?}", xl.dims(), wl.dims())
+        }
+        Ok(())
     }
 }
 
-struct Col2Im(ConvGeom);
-
-impl CustomOp1 for Col2Im {
+impl CustomOp2 for ConvOp {
     fn name(&self) -> &'static str {
-        "col2im"
+        "fused-conv2d"
     }
 
-    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
-        let g = self.0;
-        let (oh, ow) = g.out_hw();
-        if l.dims() != [g.b * oh * ow, g.row_len()] {
-            bail!("col2im: input {:?}", l.dims())
-        }
-        dispatch!(self.name(), s, T => {
-            let cols = slice::<T>(s, l, self.name())?;
-            Ok(storage(g.col2im(cols), (g.b, g.c, g.h, g.w)))
+    fn cpu_fwd(
+        &self,
+        xs: &CpuStorage,
+        xl: &Layout,
+        ws: &CpuStorage,
+        wl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        self.check(xl, wl)?;
+        dispatch!("fused-conv2d", xs, T => {
+            let x = slice::<T>(xs, xl, "fused-conv2d")?;
+            let w = slice::<T>(ws, wl, "fused-conv2d")?;
+            self.fwd(x, w, None)
         })
     }
 
-    fn bwd(&self, _arg: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
-        Ok(Some(grad.contiguous()?.apply_op1(Im2Col(self.0))?))
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let (dx, dw, _) = self.bwd_impl(x, w, None, grad)?;
+        Ok((Some(dx), Some(dw)))
+    }
+}
+
+impl CustomOp3 for ConvOp {
+    fn name(&self) -> &'static str {
+        "fused-conv2d"
+    }
+
+    fn cpu_fwd(
+        &self,
+        xs: &CpuStorage,
+        xl: &Layout,
+        ws: &CpuStorage,
+        wl: &Layout,
+        bs: &CpuStorage,
+        bl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        self.check(xl, wl)?;
+        dispatch!("fused-conv2d", xs, T => {
+            let x = slice::<T>(xs, xl, "fused-conv2d")?;
+            let w = slice::<T>(ws, wl, "fused-conv2d")?;
+            let b = slice::<T>(bs, bl, "fused-conv2d")?;
+            self.fwd(x, w, Some(b))
+        })
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        b: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (dx, dw, db) = self.bwd_impl(x, w, Some(b), grad)?;
+        Ok((Some(dx), Some(dw), db))
     }
 }
 
 /// 2D convolution of `x` (B, C, H, W) with `weight` (C_out, C, kh, kw) and an optional bias,
-/// zero padding `pad` = [top, bottom, left, right] and equal strides: im2col, then a single
-/// (B·oh·ow, C·kh·kw) x (C·kh·kw, C_out) GEMM whose backward is two more GEMMs and a col2im.
+/// zero padding `pad` = [top, bottom, left, right] and equal strides, as one graph node.
 /// Requires [`applies`].
 pub fn conv2d(
     x: &Tensor,
@@ -992,14 +1618,14 @@ pub fn conv2d(
     pad: [usize; 4],
 ) -> Result<Tensor> {
     let (b, c, h, w) = x.dims4()?;
-    let (c_out, c_w, kh, kw) = weight.dims4()?;
+    let (_, c_w, kh, kw) = weight.dims4()?;
     if c_w != c {
         bail!("conv2d: input has {c} channels, weight {:?}", weight.dims())
     }
-    if h + pad[0] + pad[1] < kh || w + pad[2] + pad[3] < kw {
-        bail!("conv2d: input {h}x{w} (padding {pad:?}) smaller than the {kh}x{kw} kernel")
+    if h + pad[0] + pad[1] < kh || w + pad[2] + pad[3] < kw || stride == 0 {
+        bail!("conv2d: input {h}x{w} (padding {pad:?}, stride {stride}) vs a {kh}x{kw} kernel")
     }
-    let geom = ConvGeom {
+    let op = ConvOp(ConvGeom {
         b,
         c,
         h,
@@ -1009,24 +1635,13 @@ pub fn conv2d(
         stride,
         pad,
         ones: bias.is_some(),
-    };
-    let (oh, ow) = geom.out_hw();
-    let cols = x.contiguous()?.apply_op1(Im2Col(geom))?;
-    let w2 = weight.reshape((c_out, c * kh * kw))?;
-    let w2 = match bias {
-        Some(bias) => Tensor::cat(&[&w2, &bias.reshape((c_out, 1))?], 1)?,
-        None => w2,
-    };
-    // (B·oh·ow, C_out) rows are channels-last; one transpose gives NCHW.
-    let rows = cols.matmul(&w2.t()?)?;
-    rows.reshape((b, oh * ow, c_out))?
-        .apply_op1(SwapMiddle {
-            a: b,
-            p: oh * ow,
-            q: c_out,
-            r: 1,
-        })?
-        .reshape((b, c_out, oh, ow))
+    });
+    let x = x.contiguous()?;
+    let weight = weight.contiguous()?;
+    match bias {
+        Some(bias) => x.apply_op3(&weight, &bias.contiguous()?, op),
+        None => x.apply_op2(&weight, op),
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1045,7 +1660,7 @@ impl CustomOp1 for Upsample2x {
         let (b, c, h, w) = l.shape().dims4()?;
         dispatch!(self.name(), s, T => {
             let x = slice::<T>(s, l, self.name())?;
-            let mut out = vec![T::zero(); x.len() * 4];
+            let mut out = vec![T::from_f64(0.0); x.len() * 4];
             out.par_chunks_mut(4 * h * w)
                 .zip(x.par_chunks(h * w))
                 .for_each(|(dst, src)| {
@@ -1080,7 +1695,7 @@ impl CustomOp1 for Sum2x2 {
         let (h, w) = (h2 / 2, w2 / 2);
         dispatch!(self.name(), s, T => {
             let x = slice::<T>(s, l, self.name())?;
-            let mut out = vec![T::zero(); b * c * h * w];
+            let mut out = vec![T::from_f64(0.0); b * c * h * w];
             out.par_chunks_mut(h * w)
                 .zip(x.par_chunks(h2 * w2))
                 .for_each(|(dst, src)| {
@@ -1112,7 +1727,9 @@ mod tests {
     fn randn(shape: &[usize], seed: u64) -> Tensor {
         // A small deterministic generator so the tests don't depend on candle's RNG.
         let n: usize = shape.iter().product();
-        let mut state = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        let mut state = seed
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
         let v: Vec<f64> = (0..n)
             .map(|_| {
                 state = state
@@ -1143,7 +1760,10 @@ mod tests {
     /// Runs `f` on fresh variables made from `inputs`, with a random linear loss, and returns
     /// the output and the gradient of every input.
     fn run(inputs: &[Tensor], f: &dyn Fn(&[Tensor]) -> Tensor) -> (Tensor, Vec<Tensor>) {
-        let vars: Vec<Var> = inputs.iter().map(|t| Var::from_tensor(t).unwrap()).collect();
+        let vars: Vec<Var> = inputs
+            .iter()
+            .map(|t| Var::from_tensor(t).unwrap())
+            .collect();
         let ts: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
         let out = f(&ts);
         let probe = randn(out.dims(), 99).to_dtype(out.dtype()).unwrap();
@@ -1177,7 +1797,9 @@ mod tests {
         let mean = xs.mean_keepdim(2).unwrap();
         let xs = xs.broadcast_sub(&mean).unwrap();
         let var = xs.sqr().unwrap().mean_keepdim(2).unwrap();
-        let xs = xs.broadcast_div(&(var + 1e-6).unwrap().sqrt().unwrap()).unwrap();
+        let xs = xs
+            .broadcast_div(&(var + 1e-6).unwrap().sqrt().unwrap())
+            .unwrap();
         xs.reshape(x.shape())
             .unwrap()
             .broadcast_mul(&g.reshape((1, c, 1, 1)).unwrap())
@@ -1188,7 +1810,7 @@ mod tests {
 
     #[test]
     fn group_norm_and_silu_match_composed_ops() {
-        let x = (randn(&[3, 8, 5, 6], 1) * 3.0 + 0.5).unwrap();
+        let x = ((randn(&[3, 8, 5, 6], 1) * 3.0).unwrap() + 0.5).unwrap();
         let inputs = [x, randn(&[8], 2), randn(&[8], 3)];
         for silu in [false, true] {
             check(
@@ -1210,7 +1832,7 @@ mod tests {
 
     #[test]
     fn layer_norm_matches_composed_ops() {
-        let x = (randn(&[2, 7, 12], 4) * 2.0 - 1.0).unwrap();
+        let x = ((randn(&[2, 7, 12], 4) * 2.0).unwrap() - 1.0).unwrap();
         check(
             "layer_norm",
             &[x, randn(&[12], 5), randn(&[12], 6)],
@@ -1231,15 +1853,8 @@ mod tests {
     }
 
     #[test]
-    fn softmax_geglu_transpose_upsample_match_composed_ops() {
+    fn geglu_swap_upsample_match_composed_ops() {
         let x = (randn(&[2, 3, 5, 9], 7) * 4.0).unwrap();
-        check(
-            "softmax",
-            &[x.clone()],
-            &|t| scaled_softmax_last_dim(&t[0], 0.3).unwrap(),
-            &|t| candle_nn::ops::softmax(&(&t[0] * 0.3).unwrap(), D::Minus1).unwrap(),
-            1e-12,
-        );
         check(
             "geglu",
             &[randn(&[4, 3, 10], 8)],
@@ -1252,21 +1867,145 @@ mod tests {
             // candle's gelu_erf backward rounds 1/sqrt(2 pi) to 0.398942.
             1e-6,
         );
-        for d in 0..3 {
-            check(
-                &format!("transpose {d}"),
-                &[x.clone()],
-                &|t| transpose_contiguous(&t[0], d).unwrap(),
-                &|t| t[0].transpose(d, d + 1).unwrap().contiguous().unwrap(),
-                1e-15,
-            );
-        }
+        check(
+            "swap_dims",
+            std::slice::from_ref(&x),
+            &|t| swap_dims(&t[0], (2, 3, 5, 9), (2, 5, 27)).unwrap(),
+            &|t| {
+                t[0].transpose(1, 2)
+                    .unwrap()
+                    .contiguous()
+                    .unwrap()
+                    .reshape((2, 5, 27))
+                    .unwrap()
+            },
+            1e-15,
+        );
+        check(
+            "swap_dims r=1",
+            std::slice::from_ref(&x),
+            &|t| swap_dims(&t[0], (6, 5, 9, 1), (6, 9, 5)).unwrap(),
+            &|t| {
+                t[0].reshape((6, 5, 9))
+                    .unwrap()
+                    .transpose(1, 2)
+                    .unwrap()
+                    .contiguous()
+                    .unwrap()
+            },
+            1e-15,
+        );
         check(
             "upsample",
             &[x],
             &|t| upsample_nearest_2x(&t[0]).unwrap(),
             &|t| t[0].upsample_nearest2d(10, 18).unwrap(),
             1e-12,
+        );
+    }
+
+    #[test]
+    fn linear_and_attention_match_composed_ops() {
+        let inputs = [randn(&[2, 5, 6], 50), randn(&[4, 6], 51), randn(&[4], 52)];
+        check(
+            "linear",
+            &inputs,
+            &|t| linear(&t[0], &t[1], Some(&t[2])).unwrap(),
+            &|t| {
+                t[0].broadcast_matmul(&t[1].t().unwrap())
+                    .unwrap()
+                    .broadcast_add(&t[2])
+                    .unwrap()
+            },
+            1e-12,
+        );
+        check(
+            "linear without bias",
+            &inputs[..2],
+            &|t| linear(&t[0], &t[1], None).unwrap(),
+            &|t| t[0].broadcast_matmul(&t[1].t().unwrap()).unwrap(),
+            1e-12,
+        );
+        // Self-attention with more query rows than one block, and cross-attention.
+        for (nq, nk) in [(70, 70), (9, 4)] {
+            let inputs = [
+                (randn(&[2, 3, nq, 5], 60) * 2.0).unwrap(),
+                (randn(&[2, 3, nk, 5], 61) * 2.0).unwrap(),
+                randn(&[2, 3, nk, 5], 62),
+            ];
+            check(
+                &format!("attention {nq}x{nk}"),
+                &inputs,
+                &|t| attention(&t[0], &t[1], &t[2], 0.4).unwrap(),
+                &|t| {
+                    let scores = (t[0].matmul(&t[1].t().unwrap()).unwrap() * 0.4).unwrap();
+                    candle_nn::ops::softmax(&scores, D::Minus1)
+                        .unwrap()
+                        .matmul(&t[2])
+                        .unwrap()
+                },
+                1e-12,
+            );
+        }
+    }
+
+    #[test]
+    fn f32_exp_and_erf_are_within_a_few_ulp() {
+        let (mut worst_exp, mut worst_erf) = (0f64, 0f64);
+        for i in 0..=200_000 {
+            let x = -87.0 + 175.0 * i as f64 / 200_000.0;
+            let rel = (exp_f32(x as f32) as f64 - x.exp()).abs() / x.exp();
+            worst_exp = worst_exp.max(rel);
+            let x = -6.0 + 12.0 * i as f64 / 200_000.0;
+            let abs = (erf_f32(x as f32) as f64 - candle_core::cpu::erf::erf_f64(x)).abs();
+            worst_erf = worst_erf.max(abs);
+        }
+        // One f32 ulp is 1.2e-7 relative; the input rounding to f32 alone contributes up to
+        // |x| * 6e-8 to exp's relative error.
+        assert!(worst_exp < 6e-6, "exp_f32 relative error {worst_exp:e}");
+        assert!(worst_erf < 2e-7, "erf_f32 absolute error {worst_erf:e}");
+    }
+
+    #[test]
+    fn f32_kernels_match_composed_ops() {
+        let f32s = |ts: &[Tensor]| -> Vec<Tensor> {
+            ts.iter().map(|t| t.to_dtype(DType::F32).unwrap()).collect()
+        };
+        let x = ((randn(&[2, 8, 6, 6], 70) * 3.0).unwrap() + 0.5).unwrap();
+        check(
+            "group_norm+silu f32",
+            &f32s(&[x, randn(&[8], 71), randn(&[8], 72)]),
+            &|t| group_norm(&t[0], &t[1], &t[2], 4, 1e-6, true).unwrap(),
+            &|t| reference_group_norm(&t[0], &t[1], &t[2], 4).silu().unwrap(),
+            1e-5,
+        );
+        check(
+            "attention f32",
+            &f32s(&[
+                (randn(&[2, 2, 70, 8], 73) * 3.0).unwrap(),
+                (randn(&[2, 2, 70, 8], 74) * 3.0).unwrap(),
+                randn(&[2, 2, 70, 8], 75),
+            ]),
+            &|t| attention(&t[0], &t[1], &t[2], 0.35).unwrap(),
+            &|t| {
+                let scores = (t[0].matmul(&t[1].t().unwrap()).unwrap() * 0.35).unwrap();
+                candle_nn::ops::softmax(&scores, D::Minus1)
+                    .unwrap()
+                    .matmul(&t[2])
+                    .unwrap()
+            },
+            1e-5,
+        );
+        check(
+            "geglu f32",
+            &f32s(&[(randn(&[5, 3, 16], 76) * 3.0).unwrap()]),
+            &|t| geglu(&t[0]).unwrap(),
+            &|t| {
+                let v = t[0].narrow(D::Minus1, 0, 8).unwrap();
+                let g = t[0].narrow(D::Minus1, 8, 8).unwrap();
+                (v * g.gelu_erf().unwrap()).unwrap()
+            },
+            1e-5,
         );
     }
 
@@ -1311,7 +2050,11 @@ mod tests {
             &inputs,
             &|t| conv2d(&t[0], &t[1], None, 2, [0, 1, 0, 1]).unwrap(),
             &|t| {
-                let x = t[0].pad_with_zeros(2, 0, 1).unwrap().pad_with_zeros(3, 0, 1).unwrap();
+                let x = t[0]
+                    .pad_with_zeros(2, 0, 1)
+                    .unwrap()
+                    .pad_with_zeros(3, 0, 1)
+                    .unwrap();
                 x.conv2d(&t[1], 0, 2, 1, 1).unwrap()
             },
             1e-12,

@@ -9,13 +9,14 @@
 
 use anyhow::{bail, Context};
 use candle_core::{DType, Module, Tensor};
-use candle_nn::{Conv2d, GroupNorm, VarBuilder};
+use candle_nn::VarBuilder;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use super::layers::{
-    check_act_fn, conv2d, group_norm, silu, timestep_embedding, Downsample2D, ResnetBlock2D,
-    ResnetBlock2DConfig, TimestepEmbedding, Transformer2DConfig, Transformer2DModel, Upsample2D,
+    check_act_fn, conv2d, group_norm, timestep_embedding, Conv2d, Downsample2D, GroupNorm,
+    ResnetBlock2D, ResnetBlock2DConfig, TimestepEmbedding, Transformer2DConfig, Transformer2DModel,
+    Upsample2D,
 };
 
 /// A config value that is either one value for every block or a list with one per block
@@ -853,7 +854,7 @@ impl UNet2DConditionModel {
             };
             h = block.forward(&h, &mut skips, &emb, &context, upsample_size)?;
         }
-        let h = silu(&self.conv_norm_out.forward(&h)?)?;
+        let h = self.conv_norm_out.forward_silu(&h)?;
         Ok(self.conv_out.forward(&h)?)
     }
 }

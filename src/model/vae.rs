@@ -4,12 +4,12 @@
 
 use anyhow::bail;
 use candle_core::{DType, Module, Tensor};
-use candle_nn::{Conv2d, GroupNorm, VarBuilder};
+use candle_nn::VarBuilder;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use super::layers::{
-    check_act_fn, conv2d, group_norm, silu, Attention, AttentionConfig, Downsample2D,
+    check_act_fn, conv2d, group_norm, Attention, AttentionConfig, Conv2d, Downsample2D, GroupNorm,
     ResnetBlock2D, ResnetBlock2DConfig, Upsample2D,
 };
 
@@ -303,8 +303,7 @@ impl Module for Encoder {
             }
         }
         let h = self.mid_block.forward(&h)?;
-        self.conv_out
-            .forward(&silu(&self.conv_norm_out.forward(&h)?)?)
+        self.conv_out.forward(&self.conv_norm_out.forward_silu(&h)?)
     }
 }
 
@@ -374,8 +373,7 @@ impl Module for Decoder {
                 h = up.forward(&h, None)?;
             }
         }
-        self.conv_out
-            .forward(&silu(&self.conv_norm_out.forward(&h)?)?)
+        self.conv_out.forward(&self.conv_norm_out.forward_silu(&h)?)
     }
 }
 
