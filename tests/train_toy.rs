@@ -9,8 +9,12 @@ use sd_rs::pipeline::{GenerateRequest, Pipeline};
 use sd_rs::sampler::SamplerKind;
 use std::path::{Path, PathBuf};
 
-const COLOURS: [(&str, [u8; 3]); 4] =
-    [("red", [220, 30, 30]), ("blue", [30, 40, 220]), ("green", [30, 200, 40]), ("yellow", [230, 220, 30])];
+const COLOURS: [(&str, [u8; 3]); 4] = [
+    ("red", [220, 30, 30]),
+    ("blue", [30, 40, 220]),
+    ("green", [30, 200, 40]),
+    ("yellow", [230, 220, 30]),
+];
 
 fn make_dataset(dir: &Path) -> PathBuf {
     std::fs::create_dir_all(dir.join("img")).unwrap();
@@ -23,7 +27,9 @@ fn make_dataset(dir: &Path) -> PathBuf {
         let img = image::RgbImage::from_pixel(16, 16, image::Rgb(px));
         let file = format!("img/{i:03}.png");
         img.save(dir.join(&file)).unwrap();
-        lines.push_str(&format!("{{\"file_name\": \"{file}\", \"text\": \"a {name} square\"}}\n"));
+        lines.push_str(&format!(
+            "{{\"file_name\": \"{file}\", \"text\": \"a {name} square\"}}\n"
+        ));
     }
     std::fs::write(dir.join("data.jsonl"), lines).unwrap();
     dir.join("data.jsonl")
@@ -139,7 +145,12 @@ fn tiny_model_learns_colour_words() {
         vae: Some(root.join("vae")),
         cache_dir: Some(root.join("cache")),
         save_f16: false,
-        run: run_args(&root.join("unet.toml"), root.join("model"), resume, Some(steps)),
+        run: run_args(
+            &root.join("unet.toml"),
+            root.join("model"),
+            resume,
+            Some(steps),
+        ),
     };
     // Train half, then resume to the end: the resumed run continues the same run.
     sd_rs::cli::train::run(unet_args(false, 150)).unwrap();
@@ -150,9 +161,17 @@ fn tiny_model_learns_colour_words() {
     let first: f64 = metrics.iter().take(3).map(|m| m.loss).sum::<f64>() / 3.0;
     let last: f64 = metrics.iter().rev().take(6).map(|m| m.loss).sum::<f64>() / 6.0;
     println!("diffusion loss: first {first:.4}, last {last:.4}");
-    assert!(last < 0.5 * first, "the loss did not fall: {first} -> {last}");
+    assert!(
+        last < 0.5 * first,
+        "the loss did not fall: {first} -> {last}"
+    );
 
-    let pipeline = Pipeline::load(&root.join("model"), &candle_core::Device::Cpu, candle_core::DType::F32).unwrap();
+    let pipeline = Pipeline::load(
+        &root.join("model"),
+        &candle_core::Device::Cpu,
+        candle_core::DType::F32,
+    )
+    .unwrap();
     let generate = |prompt: &str| {
         let req = GenerateRequest {
             prompt,
@@ -169,11 +188,19 @@ fn tiny_model_learns_colour_words() {
         };
         let images = pipeline.generate(&req, &mut |_, _| {}).unwrap().images;
         let means: Vec<[f64; 3]> = images.iter().map(mean_rgb).collect();
-        means.iter().fold([0.0; 3], |a, m| [a[0] + m[0] / 8.0, a[1] + m[1] / 8.0, a[2] + m[2] / 8.0])
+        means.iter().fold([0.0; 3], |a, m| {
+            [a[0] + m[0] / 8.0, a[1] + m[1] / 8.0, a[2] + m[2] / 8.0]
+        })
     };
     let red = generate("a red square");
     let blue = generate("a blue square");
     println!("mean colour for \"red\": {red:.0?}, for \"blue\": {blue:.0?}");
-    assert!(red[0] > red[2] + 60.0, "\"red\" images are not red: {red:?}");
-    assert!(blue[2] > blue[0] + 60.0, "\"blue\" images are not blue: {blue:?}");
+    assert!(
+        red[0] > red[2] + 60.0,
+        "\"red\" images are not red: {red:?}"
+    );
+    assert!(
+        blue[2] > blue[0] + 60.0,
+        "\"blue\" images are not blue: {blue:?}"
+    );
 }

@@ -45,7 +45,12 @@ pub fn run(args: NoiseStripArgs) -> Result<()> {
         bail!("--t {t} is outside 0..{n} (the schedule has {n} training timesteps)");
     }
     let size = args.size as usize;
-    let image = image::imageops::resize(&read_rgb(&args.image)?, args.size, args.size, image::imageops::FilterType::Lanczos3);
+    let image = image::imageops::resize(
+        &read_rgb(&args.image)?,
+        args.size,
+        args.size,
+        image::imageops::FilterType::Lanczos3,
+    );
     let x0 = crate::train::data::rgb_to_tensor(&image)?.unsqueeze(0)?;
     // One eps for every column, so the strip shows the same noise growing.
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(args.seed);
@@ -59,8 +64,18 @@ pub fn run(args: NoiseStripArgs) -> Result<()> {
         })
         .collect::<Result<Vec<_>>>()?;
     let strip = image_grid(&frames, frames.len());
-    let abar: Vec<String> = args.t.iter().map(|&t| format!("t={t}: abar={:.4}", schedule.alphas_cumprod()[t])).collect();
-    crate::io::png_meta::write_png(&args.output, strip.as_raw(), strip.width(), strip.height(), &abar.join(", "))?;
+    let abar: Vec<String> = args
+        .t
+        .iter()
+        .map(|&t| format!("t={t}: abar={:.4}", schedule.alphas_cumprod()[t]))
+        .collect();
+    crate::io::png_meta::write_png(
+        &args.output,
+        strip.as_raw(),
+        strip.width(),
+        strip.height(),
+        &abar.join(", "),
+    )?;
     eprintln!("wrote {} ({})", args.output.display(), abar.join(", "));
     Ok(())
 }

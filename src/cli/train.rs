@@ -15,7 +15,9 @@
 //! (`sd-rs train-vae`) and the noise schedule; a word-level tokenizer is built from the captions.
 //! With `--model`, a diffusers Stable Diffusion model is fine-tuned (its text encoder frozen
 //! unless `train_text_encoder = true`).
-use super::train_common::{RunArgs, check_fresh_output, load_dataset, read_toml, OptimOptions, Run};
+use super::train_common::{
+    check_fresh_output, load_dataset, read_toml, OptimOptions, Run, RunArgs,
+};
 use crate::io::model_dir::ModelIndex;
 use crate::model::clip::{ClipTextConfig, ClipTextModel, ContextLayer};
 use crate::model::tokenizer::{ids_tensor, PromptTokenizer};

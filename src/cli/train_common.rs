@@ -137,7 +137,10 @@ impl OptimOptions {
 /// `--set KEY=VALUE` overrides: KEY is a dotted path such as `train.warmup_steps` or
 /// `model.unet.block_out_channels`, VALUE a TOML value (`100`, `1e-4`, `"cosine"`, `[32, 64]`;
 /// a bare word is taken as a string). This makes every config option settable on the command line.
-pub fn read_toml<T: serde::de::DeserializeOwned>(path: Option<&Path>, overrides: &[String]) -> Result<T> {
+pub fn read_toml<T: serde::de::DeserializeOwned>(
+    path: Option<&Path>,
+    overrides: &[String],
+) -> Result<T> {
     let (mut table, name) = match path {
         Some(path) => {
             let text = std::fs::read_to_string(path)
@@ -157,9 +160,9 @@ pub fn read_toml<T: serde::de::DeserializeOwned>(path: Option<&Path>, overrides:
 }
 
 fn set_override(table: &mut toml::Table, entry: &str) -> Result<()> {
-    let (key, raw) = entry
-        .split_once('=')
-        .with_context(|| format!("--set {entry:?}: expected KEY=VALUE, e.g. train.warmup_steps=100"))?;
+    let (key, raw) = entry.split_once('=').with_context(|| {
+        format!("--set {entry:?}: expected KEY=VALUE, e.g. train.warmup_steps=100")
+    })?;
     let value = match toml::from_str::<toml::Table>(&format!("v = {raw}")) {
         Ok(mut t) => t.remove("v").unwrap(),
         Err(_) => toml::Value::String(raw.to_string()),
@@ -591,12 +594,23 @@ mod tests {
     fn set_overrides_reach_any_option() {
         let table: toml::Table = toml::from_str("[train]\nsteps = 5\n").unwrap();
         let mut table = table;
-        for entry in ["train.steps=7", "train.lr_schedule=cosine", "model.unet.block_out_channels=[8, 16]", "x=1e-4"] {
+        for entry in [
+            "train.steps=7",
+            "train.lr_schedule=cosine",
+            "model.unet.block_out_channels=[8, 16]",
+            "x=1e-4",
+        ] {
             set_override(&mut table, entry).unwrap();
         }
         assert_eq!(table["train"]["steps"].as_integer(), Some(7));
         assert_eq!(table["train"]["lr_schedule"].as_str(), Some("cosine"));
-        assert_eq!(table["model"]["unet"]["block_out_channels"].as_array().unwrap().len(), 2);
+        assert_eq!(
+            table["model"]["unet"]["block_out_channels"]
+                .as_array()
+                .unwrap()
+                .len(),
+            2
+        );
         assert_eq!(table["x"].as_float(), Some(1e-4));
         assert!(set_override(&mut table, "no_equals_sign").is_err());
         assert!(set_override(&mut table, "x.y=1").is_err());

@@ -5,7 +5,7 @@
 //! space stays smooth. After training the latents' scale is measured on the data and written as
 //! the config's `scaling_factor`, so the U-Net sees unit-variance latents (as Stable Diffusion's
 //! 0.18215 was chosen).
-use super::train_common::{RunArgs, load_dataset, read_toml, OptimOptions, Run};
+use super::train_common::{load_dataset, read_toml, OptimOptions, Run, RunArgs};
 use crate::model::vae::{AutoencoderKL, AutoencoderKLConfig};
 use crate::model::weights::{load_varmap_from_component, save_component};
 use crate::pipeline::{image_grid, tensor_to_images};

@@ -84,7 +84,12 @@ impl Ema {
     pub fn new(vars: &[(String, Var)], config: EmaConfig) -> Result<Self> {
         let mut shadow = vars
             .iter()
-            .map(|(name, var)| Ok((name.clone(), var.as_tensor().detach().to_dtype(DType::F32)?.copy()?)))
+            .map(|(name, var)| {
+                Ok((
+                    name.clone(),
+                    var.as_tensor().detach().to_dtype(DType::F32)?.copy()?,
+                ))
+            })
             .collect::<Result<Vec<_>>>()?;
         shadow.sort_by(|a, b| a.0.cmp(&b.0));
         Ok(Self {

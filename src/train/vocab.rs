@@ -52,13 +52,20 @@ pub fn build_vocab<'a>(captions: impl IntoIterator<Item = &'a str>) -> Vec<Strin
     }
     let mut by_count: Vec<(String, usize)> = counts.into_iter().collect();
     by_count.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
-    [PAD, UNK, BOS, EOS].iter().map(|s| s.to_string()).chain(by_count.into_iter().map(|(w, _)| w)).collect()
+    [PAD, UNK, BOS, EOS]
+        .iter()
+        .map(|s| s.to_string())
+        .chain(by_count.into_iter().map(|(w, _)| w))
+        .collect()
 }
 
 /// Writes `tokenizer.json` and `tokenizer_config.json` for `vocab` into `dir`.
 pub fn write_word_tokenizer(dir: &Path, vocab: &[String], max_length: usize) -> Result<()> {
-    let ids: serde_json::Map<String, Value> =
-        vocab.iter().enumerate().map(|(i, w)| (w.clone(), json!(i))).collect();
+    let ids: serde_json::Map<String, Value> = vocab
+        .iter()
+        .enumerate()
+        .map(|(i, w)| (w.clone(), json!(i)))
+        .collect();
     let added: Vec<Value> = [PAD, UNK, BOS, EOS]
         .iter()
         .map(|t| {
@@ -100,8 +107,14 @@ pub fn write_word_tokenizer(dir: &Path, vocab: &[String], max_length: usize) -> 
         "model_max_length": max_length
     });
     std::fs::create_dir_all(dir)?;
-    crate::io::write_atomic(&dir.join("tokenizer.json"), serde_json::to_string_pretty(&tokenizer)?.as_bytes())?;
-    crate::io::write_atomic(&dir.join("tokenizer_config.json"), serde_json::to_string_pretty(&config)?.as_bytes())?;
+    crate::io::write_atomic(
+        &dir.join("tokenizer.json"),
+        serde_json::to_string_pretty(&tokenizer)?.as_bytes(),
+    )?;
+    crate::io::write_atomic(
+        &dir.join("tokenizer_config.json"),
+        serde_json::to_string_pretty(&config)?.as_bytes(),
+    )?;
     Ok(())
 }
 
@@ -112,7 +125,10 @@ mod tests {
 
     #[test]
     fn words_split_like_the_whitespace_pre_tokenizer() {
-        assert_eq!(words("Anime girl, red-hair!! x2"), vec!["anime", "girl", ",", "red", "-", "hair", "!!", "x2"]);
+        assert_eq!(
+            words("Anime girl, red-hair!! x2"),
+            vec!["anime", "girl", ",", "red", "-", "hair", "!!", "x2"]
+        );
     }
 
     #[test]
@@ -120,7 +136,10 @@ mod tests {
         let captions = ["anime girl, red hair", "anime girl, blue hair, glasses"];
         let vocab = build_vocab(captions.iter().copied());
         // Frequency order: "anime", "girl", "hair", "," appear twice ("," first alphabetically).
-        assert_eq!(&vocab[..8], &[PAD, UNK, BOS, EOS, ",", "anime", "girl", "hair"]);
+        assert_eq!(
+            &vocab[..8],
+            &[PAD, UNK, BOS, EOS, ",", "anime", "girl", "hair"]
+        );
         let dir = std::env::temp_dir().join(format!("sdrs-vocab-{}", std::process::id()));
         write_word_tokenizer(&dir, &vocab, 16).unwrap();
         let tok = PromptTokenizer::from_dir(&dir).unwrap();
@@ -129,7 +148,17 @@ mod tests {
         let id = |w: &str| vocab.iter().position(|v| v == w).unwrap() as u32;
         assert_eq!(
             &t.chunks[0][..9],
-            &[id(BOS), id("anime"), id("girl"), id(","), id("red"), id("hair"), id(","), id(UNK), id(UNK)]
+            &[
+                id(BOS),
+                id("anime"),
+                id("girl"),
+                id(","),
+                id("red"),
+                id("hair"),
+                id(","),
+                id(UNK),
+                id(UNK)
+            ]
         );
         assert_eq!(t.unknown_words, vec!["purple", "eyes"]);
         std::fs::remove_dir_all(dir).unwrap();
