@@ -14,11 +14,14 @@
 //!
 //!     CARGO_PROFILE_RELEASE_DEBUG=line-tables-only \
 //!         cargo build --release --example prof_step --target-dir target/prof
-//!     perf record -g target/prof/release/examples/prof_step unet 3
-//!     perf report --no-children
+//!     perf record -F 500 target/prof/release/examples/prof_step unet 3 fused
+//!     perf report --no-children --sort symbol,srcline
 //!
-//! The first iteration warms up allocators and thread pools; the summary is the median of the rest.
-//! The models come from configs/sd-rs-anime/{vae,unet}.toml with random (seeded) weights.
+//! (The build has no frame pointers: for call graphs use `perf record --call-graph dwarf,32768`
+//! at a low frequency.) The first iteration warms up allocators and thread pools; the summary
+//! is the median of the rest. The models come from configs/sd-rs-anime/{vae,unet}.toml with
+//! random weights; each run prints the load average, which on a shared 2-core machine moves the
+//! numbers more than anything else.
 
 use anyhow::{Context, Result};
 use candle_core::backprop::GradStore;
