@@ -331,6 +331,9 @@ def merge_runs(runs):
         result["times_s"] = [t for r in ok for t in r["times_s"]]
         result["warmup_s"] = [t for r in ok for t in r["warmup_s"]]
         result["median_s"] = median(result["times_s"])
+        if "samples_per_s" in result.get("check", {}):
+            result["check"] = dict(result["check"],
+                                   samples_per_s=result["shapes"]["batch"] / result["median_s"])
         merged["result"] = result
     return merged
 
@@ -364,6 +367,12 @@ def fmt_mb(mb):
     return "-" if mb is None else (f"{mb / 1024:.2f} GiB" if mb >= 1024 else f"{mb:.0f} MiB")
 
 
+def time_cell(result):
+    """The median time, and the throughput where the case has one (training)."""
+    rate = (result.get("check") or {}).get("samples_per_s")
+    return fmt_time(result["median_s"]) + (f" ({rate:.1f} samples/s)" if rate else "")
+
+
 def ratio(a, b):
     return "-" if a is None or b is None or b == 0 else f"{a / b:.2f}"
 
@@ -379,8 +388,8 @@ def table(rows):
         rs_t = rs["result"]["median_s"] if rs["result"] else None
         pt_m = pt["rss_mb"] if pt["result"] else None
         rs_m = rs["rss_mb"] if rs["result"] else None
-        pt_cell = fmt_time(pt_t) if pt["result"] else f"failed ({pt['error']})"
-        rs_cell = fmt_time(rs_t) if rs["result"] else f"failed ({rs['error']})"
+        pt_cell = time_cell(pt["result"]) if pt["result"] else f"failed ({pt['error']})"
+        rs_cell = time_cell(rs["result"]) if rs["result"] else f"failed ({rs['error']})"
         lines.append(f"| {r['label']} | {pt_cell} | {rs_cell} | {ratio(rs_t, pt_t)} | "
                      f"{fmt_mb(pt_m)} | {fmt_mb(rs_m)} | {ratio(rs_m, pt_m)} | "
                      f"{pt['others_cores']:.2f} / {rs['others_cores']:.2f} |")

@@ -190,10 +190,15 @@ stage_train() {
   for f in "$data"/*.png; do
     printf '{"file_name": "%s", "text": "%s"}\n' "$(basename "$f")" "$PROMPT"
   done >"$data/metadata.jsonl"
-  run "$SDRS" train --captions "$data/metadata.jsonl" -o "$OUT/train/model" --steps 200 \
+  run "$SDRS" train --model models/sd-rs-anime --captions "$data/metadata.jsonl" \
+    -o "$OUT/train/model" --steps 200 \
     --batch-size 16 --seed 0 --device cuda:0 || return 1
   run "$SDRS" generate "$PROMPT" --model "$OUT/train/model" --device cuda:0 --seed 42 \
-    --num-images 4 --batch-size 4 --overwrite -o "$OUT/train/samples"
+    --num-images 4 --batch-size 4 --overwrite -o "$OUT/train/samples" || return 1
+  # The same run with the U-Net in bf16 (f32 master weights): compare the metrics.jsonl losses.
+  run "$SDRS" train --model models/sd-rs-anime --captions "$data/metadata.jsonl" \
+    -o "$OUT/train/model-bf16" --steps 200 \
+    --batch-size 16 --seed 0 --device cuda:0 --mixed-precision bf16
 }
 
 stage_bench() {

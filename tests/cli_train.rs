@@ -560,6 +560,71 @@ fn train_vae_resumes_exactly() {
     assert!(split.join("samples/step-000010.png").is_file());
 }
 
+/// `train-vae --decoder-only` fine-tunes the decoder of --init and leaves the encoder (so the
+/// latents a U-Net was trained on, and their scale) exactly as they were.
+#[test]
+fn train_vae_decoder_only_keeps_the_encoder() {
+    let r = vae_reference();
+    let out = scratch("vae_decoder_only").join("out");
+    let log = ok(&vae_args(
+        &r.config,
+        &r.captions,
+        &out,
+        &["--init", &s(&r.out), "--decoder-only", "--steps", "4"],
+    ));
+    let weights = "diffusion_pytorch_model.safetensors";
+    let before = load_tensors(&r.out.join(weights));
+    let after = load_tensors(&out.join(weights));
+    assert_eq!(before.len(), after.len());
+    let (mut same, mut changed) = (Vec::new(), Vec::new());
+    for (name, t) in &before {
+        let equal = f32_values(t) == f32_values(&after[name]);
+        let decoder = name.starts_with("decoder.") || name.starts_with("post_quant_conv.");
+        match (decoder, equal) {
+            (false, false) => panic!("{name}: the encoder changed"),
+            (true, true) => same.push(name.clone()),
+            (true, false) => changed.push(name.clone()),
+            (false, true) => {}
+        }
+    }
+    // Every decoder tensor moves (AdamW's first steps move every weight with a gradient).
+    assert!(same.is_empty(), "decoder tensors not trained: {same:?}");
+    assert!(changed.len() > 10, "{changed:?}");
+    let n_trained = changed.len();
+    assert!(
+        log.contains(&format!("training {n_trained} tensors")),
+        "{log}"
+    );
+    let factor = |dir: &Path| -> f64 {
+        let cfg: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(dir.join("config.json")).unwrap())
+                .unwrap();
+        cfg["scaling_factor"].as_f64().unwrap()
+    };
+    assert_eq!(factor(&out), factor(&r.out));
+}
+
+/// bf16 mixed precision needs CUDA; on the CPU it is refused before any work, saying why.
+#[test]
+fn mixed_precision_bf16_is_refused_on_the_cpu() {
+    let root = scratch("bf16_cpu");
+    let captions = make_dataset(&root.join("data"));
+    let config = write_config(&root, "unet.toml", UNET_CONFIG);
+    let args = train_args(
+        &config,
+        &captions,
+        &root.join("out"),
+        &root.join("cache"),
+        &["--mixed-precision", "bf16"],
+    );
+    let err = fails(&args);
+    assert!(
+        err.contains("bf16 needs a CUDA device") && err.contains("--mixed-precision no"),
+        "{err}"
+    );
+    assert!(!root.join("out/checkpoints").exists());
+}
+
 #[test]
 fn resume_passes_over_partial_and_damaged_checkpoints() {
     let r = vae_reference();

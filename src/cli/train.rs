@@ -67,6 +67,11 @@ pub struct TrainArgs {
     #[arg(long)]
     pub save_f16: bool,
 
+    /// Run the U-Net in bf16 with f32 master weights (overrides the config's mixed_precision;
+    /// meant for CUDA: on the CPU bf16 is slower than f32).
+    #[arg(long, value_enum)]
+    pub mixed_precision: Option<MixedPrecision>,
+
     #[command(flatten)]
     pub run: RunArgs,
 }
@@ -93,12 +98,26 @@ pub struct TrainConfig {
     /// Train the text encoder jointly (always on from scratch).
     #[serde(default)]
     pub train_text_encoder: bool,
+    /// "bf16" runs the U-Net's forward and backward in bfloat16 while the optimizer keeps f32
+    /// weights (mixed precision, for CUDA); "no" (the default) trains in f32.
+    #[serde(default)]
+    pub mixed_precision: MixedPrecision,
     #[serde(default)]
     pub validation: Validation,
     #[serde(default)]
     pub train: OptimOptions,
     /// The architecture when training from scratch.
     pub model: Option<ScratchModel>,
+}
+
+/// accelerate's `--mixed_precision` values. fp16 is not offered: without bf16's exponent range
+/// its gradients underflow unless the loss is scaled, which bf16 makes unnecessary.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum MixedPrecision {
+    #[default]
+    No,
+    Bf16,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -164,8 +183,17 @@ pub fn run(args: TrainArgs) -> Result<()> {
         None => bail!("training from scratch needs --config (see configs/sd-rs-anime/unet.toml); to fine-tune pass --model"),
     };
     args.run.apply(&mut cfg.train);
+    if let Some(mp) = args.mixed_precision {
+        cfg.mixed_precision = mp;
+    }
     let device = crate::device::select_device(&args.run.device.parse()?)?;
     eprintln!("device: {}", crate::device::describe_device(&device));
+    if cfg.mixed_precision == MixedPrecision::Bf16 && device.is_cpu() {
+        bail!(
+            "mixed_precision bf16 needs a CUDA device (--device cuda:0): candle's CPU backend has \
+             no bf16 matrix multiply. On the CPU train in f32 (--mixed-precision no)"
+        );
+    }
     let items = load_dataset(&args.captions, args.run.strict)?;
     std::fs::create_dir_all(&args.run.output)
         .with_context(|| format!("creating {}", args.run.output.display()))?;
@@ -244,10 +272,13 @@ pub fn run(args: TrainArgs) -> Result<()> {
     // uninterrupted one does (candle's CPU init is unseeded).
     let unet_vm = VarMap::new();
     let seed = cfg.train.seed;
-    let unet = UNet2DConditionModel::new(
+    let mut unet = UNet2DConditionModel::new(
         seeded_var_builder(&unet_vm, seed, DType::F32, &device),
         &c.unet_config,
     )?;
+    if cfg.mixed_precision == MixedPrecision::Bf16 {
+        unet.set_compute_dtype(DType::BF16);
+    }
     let te_vm = VarMap::new();
     let text_encoder = if train_text_encoder {
         ClipTextModel::new(
@@ -317,7 +348,9 @@ pub fn run(args: TrainArgs) -> Result<()> {
             eps = eps.broadcast_add(&(offset * cfg.noise_offset)?)?;
         }
         let z_t = schedule.q_sample(&z0, &t, &eps)?;
-        let prediction = unet.forward(&z_t, &t.to_dtype(DType::F32)?, &context, None)?;
+        let prediction = unet
+            .forward(&z_t, &t.to_dtype(DType::F32)?, &context, None)?
+            .to_dtype(DType::F32)?;
         let target = schedule.training_target(&z0, &eps, &t)?;
         let per_sample = (prediction - target)?.sqr()?.flatten_from(1)?.mean(1)?;
         let loss = if gamma > 0.0 {

@@ -5,9 +5,13 @@
 //! space stays smooth. After training the latents' scale is measured on the data and written as
 //! the config's `scaling_factor`, so the U-Net sees unit-variance latents (as Stable Diffusion's
 //! 0.18215 was chosen).
+//!
+//! With `--decoder-only` the encoder of `--init` stays fixed and only the decoder learns, from the
+//! reconstruction loss alone: the latents do not change, so a U-Net trained on them stays valid
+//! while the decoded images get sharper (how Stable Diffusion's ft-EMA/ft-MSE VAEs were made).
 use super::train_common::{load_dataset, read_toml, OptimOptions, Run, RunArgs};
 use crate::model::vae::{AutoencoderKL, AutoencoderKLConfig};
-use crate::model::weights::{load_varmap_from_component, save_component};
+use crate::model::weights::{load_varmap_from_component, read_config, save_component};
 use crate::pipeline::{image_grid, tensor_to_images};
 use crate::train::data::{image_loader, BatchConfig, Batcher, CropMode, ImageTransform, Loader};
 use crate::train::init::seeded_var_builder;
@@ -28,6 +32,10 @@ pub struct TrainVaeArgs {
     /// Start from this VAE (a diffusers `vae/` folder) instead of random weights.
     #[arg(long)]
     pub init: Option<PathBuf>,
+
+    /// Fine-tune only the decoder of --init (the encoder, and so the latents, stay as they are).
+    #[arg(long, requires = "init")]
+    pub decoder_only: bool,
 
     #[command(flatten)]
     pub run: RunArgs,
@@ -81,10 +89,26 @@ pub fn run(args: TrainVaeArgs) -> Result<()> {
     if let Some(init) = &args.init {
         load_varmap_from_component(&varmap, init, None)?;
     }
+    // The tensors the optimizer (and the checkpoints) see; the rest stay as loaded.
+    let trained = if args.decoder_only {
+        let decoder = VarMap::new();
+        for (name, var) in varmap.data().lock().unwrap().iter() {
+            if is_decoder_tensor(name) {
+                decoder
+                    .data()
+                    .lock()
+                    .unwrap()
+                    .insert(name.clone(), var.clone());
+            }
+        }
+        decoder
+    } else {
+        varmap.clone()
+    };
     let mut run = Run::start(
         &args.run.output,
         cfg.train.clone(),
-        vec![("vae".to_string(), varmap.clone())],
+        vec![("vae".to_string(), trained)],
         serde_json::to_value(&cfg)?,
         args.run.resume,
     )?;
@@ -137,14 +161,19 @@ pub fn run(args: TrainVaeArgs) -> Result<()> {
         let x = batch.samples.to_device(&device)?;
         let posterior = vae.encode(&x)?;
         let noise = crate::train::randn(&mut run.rng, posterior.mean.shape(), &device)?;
-        let reconstruction = vae.decode(&posterior.sample(&noise)?)?;
-        let l1 = (reconstruction - &x)?.abs()?.mean_all()?;
-        let kl = posterior.kl()?.mean_all()?;
-        let loss = (l1 + (kl * cfg.kl_weight)?)?;
+        let z = posterior.sample(&noise)?;
+        let loss = if args.decoder_only {
+            // The KL term only moves the encoder, which is not trained here.
+            (vae.decode(&z.detach())? - &x)?.abs()?.mean_all()?
+        } else {
+            let l1 = (vae.decode(&z)? - &x)?.abs()?.mean_all()?;
+            let kl = posterior.kl()?.mean_all()?;
+            (l1 + (kl * cfg.kl_weight)?)?
+        };
         let grads = run.optimizer.grads(&loss.backward()?);
         let loss = loss.to_scalar::<f32>()? as f64;
         if run.micro_step(loss, grads, batch.next)? && run.validation_due() {
-            let weights = run.output_weights("vae")?;
+            let weights = published_weights(&run, &varmap)?;
             let ema_vae = AutoencoderKL::new(
                 VarBuilder::from_varmap(&weights, DType::F32, &device),
                 &cfg.vae,
@@ -164,13 +193,17 @@ pub fn run(args: TrainVaeArgs) -> Result<()> {
     }
     run.finish();
 
-    let weights = run.output_weights("vae")?;
+    let weights = published_weights(&run, &varmap)?;
     let trained = AutoencoderKL::new(
         VarBuilder::from_varmap(&weights, DType::F32, &device),
         &cfg.vae,
     )?;
     let mut out_cfg = cfg.vae.clone();
-    out_cfg.scaling_factor = measure_scaling_factor(&trained, &items, cfg.resolution, &device)?;
+    out_cfg.scaling_factor = match &args.init {
+        // Same encoder, same latents: keep the scale a U-Net may already have been trained with.
+        Some(init) if args.decoder_only => read_config::<AutoencoderKLConfig>(init)?.scaling_factor,
+        _ => measure_scaling_factor(&trained, &items, cfg.resolution, &device)?,
+    };
     out_cfg.sample_size = serde_json::Value::from(cfg.resolution);
     save_component(&args.run.output, "AutoencoderKL", &out_cfg, &weights, None)?;
     eprintln!(
@@ -180,6 +213,23 @@ pub fn run(args: TrainVaeArgs) -> Result<()> {
         args.run.output.display()
     );
     Ok(())
+}
+
+/// Tensors that `--decoder-only` trains: everything after the latent.
+fn is_decoder_tensor(name: &str) -> bool {
+    name.starts_with("decoder.") || name.starts_with("post_quant_conv.")
+}
+
+/// The whole VAE to save or show: the trained tensors as published (EMA) plus any frozen ones.
+fn published_weights(run: &Run, all: &VarMap) -> Result<VarMap> {
+    let published = run.output_weights("vae")?;
+    {
+        let mut out = published.data().lock().unwrap();
+        for (name, var) in all.data().lock().unwrap().iter() {
+            out.entry(name.clone()).or_insert_with(|| var.clone());
+        }
+    }
+    Ok(published)
 }
 
 /// 1 / std of the latent means over up to 256 images: the factor that gives the U-Net

@@ -14,6 +14,17 @@ use candle_nn::{Conv2dConfig, VarBuilder};
 
 use super::ops;
 
+/// `w` in the dtype of the activations `x`. Mixed-precision training keeps f32 weights and runs
+/// the network in bf16/f16; the cast is differentiable, so the gradients reach the f32 weights.
+/// When the dtypes already agree (inference, plain training) this is a cheap handle copy.
+pub fn cast_like(w: &Tensor, x: &Tensor) -> Result<Tensor> {
+    if w.dtype() == x.dtype() {
+        Ok(w.clone())
+    } else {
+        w.to_dtype(x.dtype())
+    }
+}
+
 /// SiLU ("swish"), the only activation Stable Diffusion's U-Net and VAE use.
 pub fn silu(x: &Tensor) -> Result<Tensor> {
     x.silu()
@@ -55,8 +66,23 @@ impl GroupNorm {
         if ops::applies(x) {
             ops::group_norm(x, &self.weight, &self.bias, self.groups, self.eps, true)
         } else {
-            silu(&self.composed.forward(x)?)
+            silu(&self.composed(x)?.forward(x)?)
         }
+    }
+
+    /// candle's GroupNorm with the weights in `x`'s dtype.
+    fn composed(&self, x: &Tensor) -> Result<candle_nn::GroupNorm> {
+        if self.weight.dtype() == x.dtype() {
+            return Ok(self.composed.clone());
+        }
+        let channels = self.weight.elem_count();
+        candle_nn::GroupNorm::new(
+            cast_like(&self.weight, x)?,
+            cast_like(&self.bias, x)?,
+            channels,
+            self.groups,
+            self.eps,
+        )
     }
 }
 
@@ -65,7 +91,7 @@ impl Module for GroupNorm {
         if ops::applies(x) {
             ops::group_norm(x, &self.weight, &self.bias, self.groups, self.eps, false)
         } else {
-            self.composed.forward(x)
+            self.composed(x)?.forward(x)
         }
     }
 }
@@ -105,9 +131,9 @@ impl Conv2d {
         let x = x
             .pad_with_zeros(2, top, bottom)?
             .pad_with_zeros(3, left, right)?;
-        let y = same_parity(&x)?.conv2d(&self.weight, 0, self.stride, 1, 1)?;
+        let y = same_parity(&x)?.conv2d(&cast_like(&self.weight, &x)?, 0, self.stride, 1, 1)?;
         match &self.bias {
-            Some(bias) => y.broadcast_add(&bias.reshape((1, (), 1, 1))?),
+            Some(bias) => y.broadcast_add(&cast_like(bias, &y)?.reshape((1, (), 1, 1))?),
             None => Ok(y),
         }
     }
@@ -118,8 +144,12 @@ impl Module for Conv2d {
         if ops::applies(x) {
             let p = self.padding;
             ops::conv2d(x, &self.weight, self.bias.as_ref(), self.stride, [p; 4])
-        } else {
+        } else if self.weight.dtype() == x.dtype() {
             self.composed.forward(x)
+        } else {
+            let bias = self.bias.as_ref().map(|b| cast_like(b, x)).transpose()?;
+            candle_nn::Conv2d::new(cast_like(&self.weight, x)?, bias, *self.composed.config())
+                .forward(x)
         }
     }
 }
@@ -158,8 +188,11 @@ impl Module for Linear {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         if ops::applies(x) {
             ops::linear(x, self.composed.weight(), self.composed.bias())
-        } else {
+        } else if self.composed.weight().dtype() == x.dtype() {
             self.composed.forward(x)
+        } else {
+            let bias = self.composed.bias().map(|b| cast_like(b, x)).transpose()?;
+            candle_nn::Linear::new(cast_like(self.composed.weight(), x)?, bias).forward(x)
         }
     }
 }
@@ -206,10 +239,10 @@ impl Module for LayerNorm {
         let centered = x.broadcast_sub(&mean)?;
         let var = centered.sqr()?.mean_keepdim(D::Minus1)?;
         let normed = centered.broadcast_div(&(var + self.eps)?.sqrt()?)?;
+        let normed = normed.to_dtype(dtype)?;
         normed
-            .to_dtype(dtype)?
-            .broadcast_mul(&self.weight)?
-            .broadcast_add(&self.bias)
+            .broadcast_mul(&cast_like(&self.weight, &normed)?)?
+            .broadcast_add(&cast_like(&self.bias, &normed)?)
     }
 }
 

@@ -747,6 +747,13 @@ impl UNet2DConditionModel {
         &self.config
     }
 
+    /// Runs the network in `dtype` whatever the weights' dtype: each layer casts its weights
+    /// to the activations' dtype. Mixed-precision training uses this with f32 weights (the
+    /// master copy the optimizer updates) and bf16/f16 activations. The output is in `dtype`.
+    pub fn set_compute_dtype(&mut self, dtype: DType) {
+        self.dtype = dtype;
+    }
+
     /// Whether this model needs [`SdxlAddedCond`] (SDXL's `addition_embed_type: "text_time"`).
     pub fn needs_added_cond(&self) -> bool {
         self.add_time.is_some()
