@@ -49,7 +49,7 @@ if [ ! -f "$VAE_FT/config.json" ]; then
   echo "== fine-tuning the VAE's decoder into $VAE_FT"
   resume=(); has_checkpoint "$VAE_FT" && resume=(--resume)
   "$SD" train-vae --config configs/sd-rs-anime/vae.toml --images "$DATA/data.jsonl" \
-    --init "$VAE" --decoder-only --steps 3000 -o "$VAE_FT" --device "$DEVICE" "${resume[@]}"
+    --init "$VAE" --decoder-only --steps 1500 -o "$VAE_FT" --device "$DEVICE" "${resume[@]}"
 fi
 
 echo "== training the U-Net and text encoder into $MODEL"

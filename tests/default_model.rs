@@ -1,0 +1,194 @@
+//! The shipped default model, models/sd-rs-anime, through the real binary as a new user runs it:
+//! the README's first command (no --model, offline) and what its prompts ask for.
+//!
+//! Hair colour is judged like scripts/eval_prompt_following.py does it (the full measurement,
+//! over many seeds, is in the README): every avatar's head is drawn at the same place, so the
+//! pixels under hair in >= 90% of the training set's hair styles (scripts/avatars/masks/hair.png)
+//! are the crown of the head; their median colour is named by the nearest of the data set's ten
+//! hair colours (scripts/avatars/vocabulary.json).
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+fn repo() -> &'static Path {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+}
+
+fn temp_dir(name: &str) -> PathBuf {
+    let dir = Path::new(env!("CARGO_TARGET_TMPDIR"))
+        .join("default_model")
+        .join(name);
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+/// `sd-rs ARGS` from the repository root, offline, with an empty Hugging Face cache.
+fn sd_rs(home: &Path, args: &[&str]) -> Output {
+    let out = Command::new(env!("CARGO_BIN_EXE_sd-rs"))
+        .args(args)
+        .current_dir(repo())
+        .env("HF_HUB_OFFLINE", "1")
+        .env("HF_HOME", home.join("hf-home"))
+        .env_remove("HF_HUB_CACHE")
+        .env_remove("SD_RS_DEFAULT_MODEL")
+        .output()
+        .unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "sd-rs {}:\n{}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+/// The ten hair colours of the data set: (name, sRGB).
+fn hair_colours() -> Vec<(String, [f64; 3])> {
+    let text = std::fs::read_to_string(repo().join("scripts/avatars/vocabulary.json")).unwrap();
+    let vocab: serde_json::Value = serde_json::from_str(&text).unwrap();
+    vocab["hair_color"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|entry| {
+            let hex = entry[2].as_str().unwrap();
+            let channel = |i: usize| u8::from_str_radix(&hex[2 * i..2 * i + 2], 16).unwrap() as f64;
+            (
+                entry[0].as_str().unwrap().to_string(),
+                [channel(0), channel(1), channel(2)],
+            )
+        })
+        .collect()
+}
+
+/// The name of the hair colour nearest to the median colour of the crown of the head.
+fn hair_colour_of(image: &image::RgbImage, colours: &[(String, [f64; 3])]) -> String {
+    let mask = image::open(repo().join("scripts/avatars/masks/hair.png"))
+        .unwrap()
+        .to_luma8();
+    assert_eq!(mask.dimensions(), image.dimensions());
+    let mut channels: [Vec<u8>; 3] = Default::default();
+    for (m, px) in mask.pixels().zip(image.pixels()) {
+        if m.0[0] as f64 >= 0.9 * 255.0 {
+            for c in 0..3 {
+                channels[c].push(px.0[c]);
+            }
+        }
+    }
+    assert!(channels[0].len() > 50, "hair region of {} pixels", channels[0].len());
+    let median = channels.map(|mut v| {
+        v.sort_unstable();
+        v[v.len() / 2] as f64
+    });
+    let distance = |rgb: &[f64; 3]| -> f64 {
+        (0..3).map(|c| (rgb[c] - median[c]).powi(2)).sum::<f64>()
+    };
+    colours
+        .iter()
+        .min_by(|a, b| distance(&a.1).total_cmp(&distance(&b.1)))
+        .unwrap()
+        .0
+        .clone()
+}
+
+/// The README's first command writes a 64x64 PNG of the prompted avatar, and a 4x preview.
+#[test]
+fn readme_first_command_makes_an_anime_girl_with_red_hair() {
+    let dir = temp_dir("readme");
+    let out = dir.join("out");
+    sd_rs(
+        &dir,
+        &[
+            "generate",
+            "anime girl, red hair",
+            "-o",
+            &out.display().to_string(),
+            "--preview-scale",
+            "4",
+        ],
+    );
+    let pngs: Vec<PathBuf> = std::fs::read_dir(&out)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    let image = pngs
+        .iter()
+        .find(|p| !p.to_string_lossy().ends_with("-preview.png"))
+        .unwrap_or_else(|| panic!("no image in {pngs:?}"));
+    let preview = pngs
+        .iter()
+        .find(|p| p.to_string_lossy().ends_with("-preview.png"))
+        .unwrap_or_else(|| panic!("no preview in {pngs:?}"));
+    let image = image::open(image).unwrap().to_rgb8();
+    assert_eq!(image.dimensions(), (64, 64));
+    assert_eq!(image::open(preview).unwrap().dimensions(), (256, 256));
+    assert_eq!(hair_colour_of(&image, &hair_colours()), "red");
+}
+
+/// Each prompted hair colour shows on the crown of the head, for several seeds.
+#[test]
+fn prompted_hair_colours_are_drawn() {
+    let dir = temp_dir("colours");
+    let colours = hair_colours();
+    let mut wrong = Vec::new();
+    for name in ["red", "blue", "blonde", "green", "black", "pink"] {
+        let out = dir.join(name);
+        sd_rs(
+            &dir,
+            &[
+                "generate",
+                &format!("anime girl, {name} hair"),
+                "--seed",
+                "100",
+                "--num-images",
+                "3",
+                "--batch-size",
+                "3",
+                "-o",
+                &out.display().to_string(),
+            ],
+        );
+        let mut files: Vec<PathBuf> = std::fs::read_dir(&out)
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .collect();
+        files.sort();
+        assert_eq!(files.len(), 3, "{files:?}");
+        for file in files {
+            let seen = hair_colour_of(&image::open(&file).unwrap().to_rgb8(), &colours);
+            println!("{name} hair: {} -> {seen}", file.display());
+            if seen != name {
+                wrong.push(format!("{}: {seen}", file.display()));
+            }
+        }
+    }
+    assert!(wrong.is_empty(), "wrong hair colour: {wrong:?}");
+}
+
+/// Words the model never saw are named in a warning, and the image is still made.
+#[test]
+fn unknown_prompt_words_are_reported_not_dropped_silently() {
+    let dir = temp_dir("unknown");
+    let out = dir.join("out");
+    let run = sd_rs(
+        &dir,
+        &[
+            "generate",
+            "anime girl, red hair, spaceship",
+            "-o",
+            &out.display().to_string(),
+        ],
+    );
+    let stderr = String::from_utf8_lossy(&run.stderr);
+    let warning = stderr
+        .lines()
+        .find(|l| l.starts_with("warning") && l.contains("spaceship"))
+        .unwrap_or_else(|| panic!("no warning naming \"spaceship\":\n{stderr}"));
+    let named = warning
+        .split("does not know")
+        .nth(1)
+        .unwrap_or_else(|| panic!("{warning}"));
+    assert!(named.contains("\"spaceship\"") && !named.contains("hair"), "{warning}");
+    assert_eq!(std::fs::read_dir(&out).unwrap().count(), 1);
+}
