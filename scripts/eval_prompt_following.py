@@ -18,6 +18,10 @@ Inputs (one of):
 
   scripts/.venv/bin/python scripts/eval_prompt_following.py --attributes data/avatars/attributes.jsonl
   scripts/.venv/bin/python scripts/eval_prompt_following.py out/samples
+  scripts/.venv/bin/python scripts/eval_prompt_following.py out/samples --grid grid.png
+
+--grid writes a grid of the images prompted with just a hair colour ("anime girl, red hair"):
+one row per hair colour, in the vocabulary's order, the first --grid-columns images of each.
 """
 
 from __future__ import annotations
@@ -240,6 +244,28 @@ def report(title: str, rows: list[tuple[str | None, str]], order: list[str]) -> 
         print(f"  {'all':<16}{judged:>6}  {100 * matched / judged:6.1f}%")
 
 
+def write_grid(path: Path, results: list[dict], hair_names: list[str], columns: int, scale: int) -> None:
+    """One row per hair colour of the images whose whole prompt is "anime girl, <colour> hair"."""
+    from PIL import ImageDraw
+
+    rows = []
+    for name in hair_names:
+        files = sorted(r["file"] for r in results if r["prompt"].strip() == f"anime girl, {name} hair")
+        if files:
+            rows.append((name, files[:columns]))
+    if not rows:
+        sys.exit("--grid: no images prompted with just a hair colour")
+    tile, label = SIZE * scale, 16 * scale + 48
+    grid = Image.new("RGB", (label + columns * tile, len(rows) * tile), "white")
+    draw = ImageDraw.Draw(grid)
+    for y, (name, files) in enumerate(rows):
+        draw.text((8, y * tile + tile // 2 - 6), f"{name} hair", fill="black")
+        for x, file in enumerate(files):
+            with Image.open(file) as img:
+                grid.paste(img.convert("RGB").resize((tile, tile), Image.NEAREST), (label + x * tile, y * tile))
+    grid.save(path, optimize=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     src = ap.add_mutually_exclusive_group(required=True)
@@ -250,6 +276,9 @@ def main() -> None:
     ap.add_argument("--vocab", type=Path, default=DEFAULT_VOCAB, help=f"vocabulary (default {DEFAULT_VOCAB})")
     ap.add_argument("--limit", type=int, default=0, help="only the first N images")
     ap.add_argument("--out-json", type=Path, help="write per-image expectations and detections here")
+    ap.add_argument("--grid", type=Path, help="write a sample grid, one row per hair colour, here")
+    ap.add_argument("--grid-columns", type=int, default=8)
+    ap.add_argument("--grid-scale", type=int, default=2, help="nearest-neighbour upscaling of each image")
     args = ap.parse_args()
 
     clf = Classifier(args.masks, args.vocab)
@@ -272,6 +301,9 @@ def main() -> None:
         [(r["expected"]["eyewear"], r["detected"]["eyewear"]) for r in results],
         ["none", "glasses", "sunglasses"],
     )
+    if args.grid:
+        write_grid(args.grid, results, clf.hair_names, args.grid_columns, args.grid_scale)
+        print(f"\ngrid: {args.grid}")
     if args.out_json:
         args.out_json.write_text("".join(json.dumps(r) + "\n" for r in results))
         print(f"\nper-image results: {args.out_json}")

@@ -69,8 +69,6 @@ du -sh models/sd-rs-anime
 echo "== measuring prompt following"
 SAMPLES="$WORK/eval-samples"
 rm -rf "$SAMPLES"
-for colour in red blonde black brown blue pink green white purple orange; do
-  "$SD" generate "anime girl, $colour hair" --num-images 20 --batch-size 10 --seed 1000 \
-    -o "$SAMPLES" --name-pattern "{prompt}-{seed}.png" --device "$DEVICE"
-done
-scripts/.venv/bin/python scripts/eval_prompt_following.py "$SAMPLES"
+"$SD" generate --model models/sd-rs-anime --from-file prompts/eval-default-model.txt \
+  -o "$SAMPLES" --device "$DEVICE"
+scripts/.venv/bin/python scripts/eval_prompt_following.py "$SAMPLES" --grid docs/default-model-grid.png

@@ -32,6 +32,20 @@ pub enum Family {
     Sdxl,
 }
 
+/// An optional file of a model directory with the sampling settings the model is meant to be
+/// used with (`sd-rs train` writes it for models trained from scratch); diffusers ignores it.
+pub const GENERATION_CONFIG: &str = "generation_config.json";
+
+/// The contents of [`GENERATION_CONFIG`]; every field optional. Field names follow the
+/// diffusers pipeline's call arguments.
+#[derive(Debug, Clone, Default, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct GenerationConfig {
+    num_inference_steps: Option<usize>,
+    guidance_scale: Option<f64>,
+    sampler: Option<String>,
+}
+
 /// What `generate` uses when the command line leaves a setting out.
 #[derive(Debug, Clone, PartialEq)]
 pub struct PipelineDefaults {
@@ -60,6 +74,8 @@ pub struct Pipeline {
     /// SDXL: an empty negative prompt is encoded as zeros (model_index.json's
     /// `force_zeros_for_empty_prompt`, true by default), as diffusers does.
     force_zeros_for_empty_prompt: bool,
+    /// The model's own sampling defaults, from [`GENERATION_CONFIG`].
+    generation: GenerationConfig,
     device: Device,
     dtype: DType,
 }
@@ -149,6 +165,20 @@ impl Pipeline {
             .unwrap_or(family == Family::Sdxl);
         let name = model_name(dir);
         let turbo = name.to_ascii_lowercase().contains("turbo");
+        let generation_path = dir.join(GENERATION_CONFIG);
+        let generation: GenerationConfig = if generation_path.is_file() {
+            let text = std::fs::read_to_string(&generation_path)?;
+            let g: GenerationConfig = serde_json::from_str(&text)
+                .with_context(|| format!("invalid {}", generation_path.display()))?;
+            if let Some(sampler) = &g.sampler {
+                sampler
+                    .parse::<SamplerKind>()
+                    .with_context(|| format!("in {}", generation_path.display()))?;
+            }
+            g
+        } else {
+            GenerationConfig::default()
+        };
         Ok(Self {
             name,
             family,
@@ -158,6 +188,7 @@ impl Pipeline {
             vae,
             scheduler,
             force_zeros_for_empty_prompt,
+            generation,
             device: device.clone(),
             dtype,
         })
@@ -197,16 +228,23 @@ impl Pipeline {
         let f = self.vae_scale_factor();
         let (width, height) = (sample(1) * f, sample(0) * f);
         let (steps, guidance_scale) = if self.turbo { (1, 0.0) } else { (20, 7.5) };
+        let sampler = if self.turbo {
+            SamplerKind::EulerAncestral
+        } else {
+            SamplerKind::Euler
+        };
+        let g = &self.generation;
         PipelineDefaults {
             width,
             height,
-            steps,
-            guidance_scale,
-            sampler: if self.turbo {
-                SamplerKind::EulerAncestral
-            } else {
-                SamplerKind::Euler
-            },
+            steps: g.num_inference_steps.unwrap_or(steps),
+            guidance_scale: g.guidance_scale.unwrap_or(guidance_scale),
+            // Checked when the model was loaded.
+            sampler: g
+                .sampler
+                .as_deref()
+                .and_then(|s| s.parse().ok())
+                .unwrap_or(sampler),
         }
     }
 

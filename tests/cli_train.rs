@@ -1051,4 +1051,36 @@ fn fine_tune_the_pretrained_fixture_then_generate() {
     ok(&args);
     let image = image::open(&png).unwrap().to_rgb8();
     assert_eq!(image.dimensions(), (32, 32));
+    // A fine-tune keeps the usual sampling defaults: no generation_config.json.
+    assert!(!out.join("generation_config.json").exists());
+}
+
+/// A model trained from scratch carries the sampling settings it was validated with
+/// (generation_config.json), and `generate` uses them when the command line does not say.
+#[test]
+fn scratch_model_carries_its_sampling_defaults() {
+    let r = unet_reference();
+    let text = std::fs::read_to_string(r.out.join("generation_config.json")).unwrap();
+    let defaults: serde_json::Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(
+        defaults,
+        serde_json::json!({"num_inference_steps": 20, "guidance_scale": 4.0, "sampler": "euler"})
+    );
+    let png = scratch("sampling_defaults").join("red.png");
+    ok(&[
+        "generate",
+        "--model",
+        &s(&r.out),
+        "a red square",
+        "-o",
+        &s(&png),
+        "--device",
+        "cpu",
+    ]
+    .map(String::from));
+    let parameters = sd_rs::io::png_meta::read_parameters(&png).unwrap().unwrap();
+    assert!(
+        parameters.contains("Steps: 20, Sampler: Euler, CFG scale: 4,"),
+        "{parameters}"
+    );
 }

@@ -76,14 +76,17 @@ fn hair_colour_of(image: &image::RgbImage, colours: &[(String, [f64; 3])]) -> St
             }
         }
     }
-    assert!(channels[0].len() > 50, "hair region of {} pixels", channels[0].len());
+    assert!(
+        channels[0].len() > 50,
+        "hair region of {} pixels",
+        channels[0].len()
+    );
     let median = channels.map(|mut v| {
         v.sort_unstable();
         v[v.len() / 2] as f64
     });
-    let distance = |rgb: &[f64; 3]| -> f64 {
-        (0..3).map(|c| (rgb[c] - median[c]).powi(2)).sum::<f64>()
-    };
+    let distance =
+        |rgb: &[f64; 3]| -> f64 { (0..3).map(|c| (rgb[c] - median[c]).powi(2)).sum::<f64>() };
     colours
         .iter()
         .min_by(|a, b| distance(&a.1).total_cmp(&distance(&b.1)))
@@ -120,9 +123,17 @@ fn readme_first_command_makes_an_anime_girl_with_red_hair() {
         .iter()
         .find(|p| p.to_string_lossy().ends_with("-preview.png"))
         .unwrap_or_else(|| panic!("no preview in {pngs:?}"));
+    // The model's own sampling defaults (its generation_config.json) were used.
+    let parameters = sd_rs::io::png_meta::read_parameters(image)
+        .unwrap()
+        .unwrap();
+    assert!(parameters.contains("CFG scale: 4,"), "{parameters}");
     let image = image::open(image).unwrap().to_rgb8();
     assert_eq!(image.dimensions(), (64, 64));
-    assert_eq!(image::open(preview).unwrap().dimensions(), (256, 256));
+    assert_eq!(
+        image::open(preview).unwrap().to_rgb8().dimensions(),
+        (256, 256)
+    );
     assert_eq!(hair_colour_of(&image, &hair_colours()), "red");
 }
 
@@ -189,6 +200,9 @@ fn unknown_prompt_words_are_reported_not_dropped_silently() {
         .split("does not know")
         .nth(1)
         .unwrap_or_else(|| panic!("{warning}"));
-    assert!(named.contains("\"spaceship\"") && !named.contains("hair"), "{warning}");
+    assert!(
+        named.contains("\"spaceship\"") && !named.contains("hair"),
+        "{warning}"
+    );
     assert_eq!(std::fs::read_dir(&out).unwrap().count(), 1);
 }

@@ -166,13 +166,14 @@ fn unet_every_parameter_gets_a_gradient() {
 fn unet_mixed_precision_trains_f32_weights() {
     let device = sd_rs::device::test_device().unwrap();
     let (half, out_tol, grad_tol) = if device.is_cpu() {
-        (DType::F16, 1e-2, 5e-2)
+        (DType::F16, 1e-2, 2e-2)
     } else {
-        (DType::BF16, 4e-2, 2e-1)
+        (DType::BF16, 5e-2, 1e-1)
     };
     let case = &unet_cases()[0];
     let varmap = VarMap::new();
-    let vb = VarBuilder::from_varmap(&varmap, DType::F32, &device);
+    // Seeded weights (candle's own init is not), so the errors below are the same every run.
+    let vb = sd_rs::train::init::seeded_var_builder(&varmap, 5, DType::F32, &device);
     let unet = UNet2DConditionModel::new(vb, &case.cfg).unwrap();
     let mut mixed = unet.clone();
     mixed.set_compute_dtype(half);
@@ -204,27 +205,41 @@ fn unet_mixed_precision_trains_f32_weights() {
     let out_rel = rel(&out16, &out32);
     let (bad, total) = check_all_grads(&varmap, &grads16);
     assert!(bad.is_empty(), "{half:?}: no gradient for {bad:?}");
+    // All gradients as one vector (what the optimizer step sees), and the worst single tensor
+    // (small ones, like a norm's bias, sum many cancelling terms and lose more).
     let mut worst = (0f32, String::new());
+    let (mut all16, mut all32) = (Vec::new(), Vec::new());
     for (name, var) in varmap.data().lock().unwrap().iter() {
         let g16 = grads16.get(var.as_tensor()).unwrap();
+        let g32 = grads32.get(var.as_tensor()).unwrap();
         assert_eq!(
             g16.dtype(),
             DType::F32,
             "{name}: gradient not in the weights' dtype"
         );
-        let r = rel(g16, grads32.get(var.as_tensor()).unwrap());
+        let r = rel(g16, g32);
         if r > worst.0 {
             worst = (r, name.clone());
         }
+        all16.push(g16.flatten_all().unwrap());
+        all32.push(g32.flatten_all().unwrap());
     }
+    let all_rel = rel(
+        &Tensor::cat(&all16, 0).unwrap(),
+        &Tensor::cat(&all32, 0).unwrap(),
+    );
     println!(
-        "{half:?} vs f32 on {device:?}: output relative L2 error {out_rel:.2e}; {total} \
-         gradients, worst relative L2 error {:.2e} ({})",
+        "{half:?} vs f32 on {device:?}: output relative L2 error {out_rel:.2e}; all {total} \
+         gradients {all_rel:.2e}, worst tensor {:.2e} ({})",
         worst.0, worst.1
     );
     assert!(out_rel > 0.0, "the {half:?} run computed in f32");
     assert!(out_rel < out_tol, "output relative error {out_rel}");
-    assert!(worst.0 < grad_tol, "gradient relative error {worst:?}");
+    assert!(all_rel < grad_tol, "gradient relative error {all_rel}");
+    assert!(
+        worst.0 < 3.0 * grad_tol,
+        "gradient relative error {worst:?}"
+    );
 }
 
 fn vae_loss(vae: &AutoencoderKL, image: &Tensor, noise: &Tensor) -> Tensor {

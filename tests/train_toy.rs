@@ -135,6 +135,7 @@ fn tiny_model_learns_colour_words() {
     sd_rs::cli::train_vae::run(TrainVaeArgs {
         images: captions.clone(),
         init: None,
+        decoder_only: false,
         run: run_args(&root.join("vae.toml"), root.join("vae"), false, None),
     })
     .unwrap();
@@ -145,6 +146,7 @@ fn tiny_model_learns_colour_words() {
         vae: Some(root.join("vae")),
         cache_dir: Some(root.join("cache")),
         save_f16: false,
+        mixed_precision: None,
         run: run_args(
             &root.join("unet.toml"),
             root.join("model"),

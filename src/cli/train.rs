@@ -367,7 +367,7 @@ pub fn run(args: TrainArgs) -> Result<()> {
         let grads = run.optimizer.grads(&loss.backward()?);
         let loss_value = loss.to_scalar::<f32>()? as f64;
         if run.micro_step(loss_value, grads, batch.next)? && run.validation_due() {
-            save_model_dir(&args.run.output, &run, &c, train_text_encoder, None)?;
+            save_model_dir(&args.run.output, &run, &c, &cfg, None)?;
             if !cfg.validation.prompts.is_empty() {
                 let path = validate(&args.run.output, &cfg.validation, run.step, &device)?;
                 run.println(format!(
@@ -383,7 +383,7 @@ pub fn run(args: TrainArgs) -> Result<()> {
         &args.run.output,
         &run,
         &c,
-        train_text_encoder,
+        &cfg,
         args.save_f16.then_some(DType::F16),
     )?;
     eprintln!(
@@ -519,9 +519,10 @@ fn save_model_dir(
     out: &Path,
     run: &Run,
     c: &Components,
-    trained_text_encoder: bool,
+    cfg: &TrainConfig,
     dtype: Option<DType>,
 ) -> Result<()> {
+    let trained_text_encoder = cfg.train_text_encoder || c.init.is_none();
     save_component(
         &out.join("unet"),
         "UNet2DConditionModel",
@@ -592,6 +593,21 @@ fn save_model_dir(
     index["safety_checker"] = serde_json::json!([null, null]);
     index["feature_extractor"] = serde_json::json!([null, null]);
     index["requires_safety_checker"] = false.into();
+    // A model trained from scratch samples best with the settings it was validated with (a
+    // small model wants less guidance than Stable Diffusion's 7.5): `generate` uses them when
+    // the command line does not say. Fine-tunes keep the usual defaults.
+    if c.init.is_none() {
+        let v = &cfg.validation;
+        let defaults = serde_json::json!({
+            "num_inference_steps": v.steps,
+            "guidance_scale": v.guidance_scale,
+            "sampler": v.sampler,
+        });
+        crate::io::write_atomic(
+            &out.join(crate::pipeline::GENERATION_CONFIG),
+            serde_json::to_string_pretty(&defaults)?.as_bytes(),
+        )?;
+    }
     crate::io::write_atomic(
         &out.join("model_index.json"),
         serde_json::to_string_pretty(&index)?.as_bytes(),

@@ -197,6 +197,15 @@ impl Module for Linear {
     }
 }
 
+impl Linear {
+    /// From its weight (out, in) and optional bias (out).
+    pub fn new(weight: Tensor, bias: Option<Tensor>) -> Self {
+        Self {
+            composed: candle_nn::Linear::new(weight, bias),
+        }
+    }
+}
+
 /// `nn.Linear` with or without bias.
 pub fn linear(in_dim: usize, out_dim: usize, bias: bool, vb: VarBuilder) -> Result<Linear> {
     let composed = if bias {
