@@ -59,7 +59,8 @@ resume=(); has_checkpoint "$MODEL" && resume=(--resume)
 
 echo "== copying the model into models/sd-rs-anime"
 rm -rf models/sd-rs-anime.tmp && mkdir -p models/sd-rs-anime.tmp
-cp -r "$MODEL"/{model_index.json,unet,text_encoder,tokenizer,scheduler} models/sd-rs-anime.tmp/
+cp -r "$MODEL"/{model_index.json,generation_config.json,unet,text_encoder,tokenizer,scheduler} \
+  models/sd-rs-anime.tmp/
 # The VAE with the fine-tuned decoder (f32: under 3 MB).
 mkdir -p models/sd-rs-anime.tmp/vae
 cp "$VAE_FT"/{config.json,diffusion_pytorch_model.safetensors} models/sd-rs-anime.tmp/vae/
