@@ -223,12 +223,19 @@ fn is_decoder_tensor(name: &str) -> bool {
 /// The whole VAE to save or show: the trained tensors as published (EMA) plus any frozen ones.
 fn published_weights(run: &Run, all: &VarMap) -> Result<VarMap> {
     let published = run.output_weights("vae")?;
-    {
-        let mut out = published.data().lock().unwrap();
-        for (name, var) in all.data().lock().unwrap().iter() {
-            out.entry(name.clone()).or_insert_with(|| var.clone());
-        }
+    // Without an EMA `published` is `all` itself: one lock at a time.
+    let every: Vec<(String, candle_core::Var)> = all
+        .data()
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|(name, var)| (name.clone(), var.clone()))
+        .collect();
+    let mut out = published.data().lock().unwrap();
+    for (name, var) in every {
+        out.entry(name).or_insert(var);
     }
+    drop(out);
     Ok(published)
 }
 
