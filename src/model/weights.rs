@@ -235,6 +235,8 @@ impl WeightFile {
 struct SafetensorsBackend {
     files: Vec<WeightFile>,
     routing: HashMap<String, usize>,
+    /// Tensors read ahead by [`Self::prefetch`], handed out (and dropped from here) by `get`.
+    prefetched: std::sync::Mutex<HashMap<String, Tensor>>,
 }
 
 impl SafetensorsBackend {
@@ -248,7 +250,42 @@ impl SafetensorsBackend {
             }
             files.push(file);
         }
-        Ok(Self { files, routing })
+        Ok(Self {
+            files,
+            routing,
+            prefetched: Default::default(),
+        })
+    }
+
+    /// Reads every tensor now, on all cores. Loading is bound by the kernel copying file pages
+    /// into freshly faulted memory, which one thread does at ~2 GB/s; the model constructors
+    /// ask for tensors one at a time, so the reads are done ahead of them.
+    /// They are cast to `dtype` as they are read, so the peak is the weights once in the
+    /// compute dtype (an f16 file loaded in f32 never holds both copies whole).
+    fn prefetch(&self, device: &Device, dtype: DType) {
+        use rayon::prelude::*;
+        let names: Vec<(&String, usize)> = self.routing.iter().map(|(n, &i)| (n, i)).collect();
+        // A tensor that cannot be read is left out here: if the model asks for it, `get` reads
+        // it again and reports the error then.
+        let tensors: HashMap<String, Tensor> = names
+            .par_iter()
+            .filter_map(|&(name, i)| {
+                let t = self.files[i]
+                    .read(name, device)
+                    .and_then(|t| t.to_dtype(dtype));
+                Some((name.clone(), t.ok()?))
+            })
+            .collect();
+        *self.prefetched.lock().unwrap() = tensors;
+    }
+
+    /// Tensor `name` of `file`, from the read-ahead when there is one.
+    fn read(&self, file: &WeightFile, name: &str, dev: &Device) -> candle_core::Result<Tensor> {
+        let ahead = self.prefetched.lock().unwrap().remove(name);
+        match ahead {
+            Some(t) => Ok(t),
+            None => file.read(name, dev),
+        }
     }
 
     fn files_list(&self) -> String {
@@ -291,11 +328,11 @@ impl SimpleBackend for SafetensorsBackend {
                 s.dims()
             )));
         }
-        file.read(name, dev)?.to_dtype(dtype)
+        self.read(file, name, dev)?.to_dtype(dtype)
     }
 
     fn get_unchecked(&self, name: &str, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
-        self.file_of(name)?.read(name, dev)?.to_dtype(dtype)
+        self.read(self.file_of(name)?, name, dev)?.to_dtype(dtype)
     }
 
     fn contains_tensor(&self, name: &str) -> bool {
@@ -310,6 +347,9 @@ pub fn var_builder_from_files(
     device: &Device,
 ) -> anyhow::Result<VarBuilder<'static>> {
     let backend = SafetensorsBackend::open(files)?;
+    if device.is_cpu() {
+        backend.prefetch(device, dtype);
+    }
     Ok(VarBuilder::from_backend(
         Box::new(backend),
         dtype,
