@@ -43,7 +43,18 @@ pub const GENERATION_CONFIG: &str = "generation_config.json";
 struct GenerationConfig {
     num_inference_steps: Option<usize>,
     guidance_scale: Option<f64>,
-    sampler: Option<String>,
+    /// Any name `--sampler` takes.
+    #[serde(default, deserialize_with = "sampler_by_name")]
+    sampler: Option<SamplerKind>,
+}
+
+fn sampler_by_name<'de, D: serde::Deserializer<'de>>(
+    d: D,
+) -> Result<Option<SamplerKind>, D::Error> {
+    use serde::Deserialize;
+    Option::<String>::deserialize(d)?
+        .map(|name| name.parse().map_err(serde::de::Error::custom))
+        .transpose()
 }
 
 /// What `generate` uses when the command line leaves a setting out.
@@ -168,14 +179,8 @@ impl Pipeline {
         let generation_path = dir.join(GENERATION_CONFIG);
         let generation: GenerationConfig = if generation_path.is_file() {
             let text = std::fs::read_to_string(&generation_path)?;
-            let g: GenerationConfig = serde_json::from_str(&text)
-                .with_context(|| format!("invalid {}", generation_path.display()))?;
-            if let Some(sampler) = &g.sampler {
-                sampler
-                    .parse::<SamplerKind>()
-                    .with_context(|| format!("in {}", generation_path.display()))?;
-            }
-            g
+            serde_json::from_str(&text)
+                .with_context(|| format!("invalid {}", generation_path.display()))?
         } else {
             GenerationConfig::default()
         };
@@ -239,12 +244,7 @@ impl Pipeline {
             height,
             steps: g.num_inference_steps.unwrap_or(steps),
             guidance_scale: g.guidance_scale.unwrap_or(guidance_scale),
-            // Checked when the model was loaded.
-            sampler: g
-                .sampler
-                .as_deref()
-                .and_then(|s| s.parse().ok())
-                .unwrap_or(sampler),
+            sampler: g.sampler.unwrap_or(sampler),
         }
     }
 
