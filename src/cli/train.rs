@@ -200,7 +200,7 @@ pub fn run(args: TrainArgs) -> Result<()> {
     check_fresh_output(&args.run.output, args.run.resume)?;
 
     let c = components(&args, &cfg, &items)?;
-    let train_text_encoder = cfg.train_text_encoder || c.init.is_none();
+    let train_text_encoder = trains_text_encoder(&cfg, &c);
 
     // The frozen VAE encodes every image once; its latents are reused by later runs.
     let vae_files = find_weight_files(&c.vae_dir, None)?;
@@ -512,6 +512,12 @@ fn components(
     })
 }
 
+/// Whether the text encoder is trained: when asked, and always from scratch (there is no
+/// pretrained one to keep).
+fn trains_text_encoder(cfg: &TrainConfig, c: &Components) -> bool {
+    cfg.train_text_encoder || c.init.is_none()
+}
+
 /// Writes the model as a diffusers directory into `out`: the EMA weights of what was trained,
 /// the frozen parts copied, and model_index.json last, so the folder only claims to be a model
 /// once every part is in place.
@@ -522,7 +528,7 @@ fn save_model_dir(
     cfg: &TrainConfig,
     dtype: Option<DType>,
 ) -> Result<()> {
-    let trained_text_encoder = cfg.train_text_encoder || c.init.is_none();
+    let trained_text_encoder = trains_text_encoder(cfg, c);
     save_component(
         &out.join("unet"),
         "UNet2DConditionModel",
