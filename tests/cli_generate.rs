@@ -9,7 +9,6 @@
 use sd_rs::io::png_meta::{read_parameters, GenerationParams};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
 
 fn model(name: &str) -> String {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -19,69 +18,11 @@ fn model(name: &str) -> String {
         .to_string()
 }
 
-/// A fresh, empty folder for one test.
+mod common;
+use common::sd_rs;
+
 fn temp_dir(name: &str) -> PathBuf {
-    let dir = Path::new(env!("CARGO_TARGET_TMPDIR"))
-        .join("cli_generate")
-        .join(name);
-    if dir.exists() {
-        std::fs::remove_dir_all(&dir).unwrap();
-    }
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
-}
-
-struct Run {
-    code: Option<i32>,
-    stdout: String,
-    stderr: String,
-}
-
-impl Run {
-    fn ok(&self) -> &Self {
-        assert_eq!(self.code, Some(0), "expected success\n{}", self.stderr);
-        self
-    }
-
-    /// A handled failure: exit code 1 with an `error:` line, never a panic (exit 101).
-    fn fails_with(&self, needles: &[&str]) -> &Self {
-        assert_eq!(self.code, Some(1), "expected exit code 1\n{}", self.stderr);
-        assert!(
-            !self.stderr.contains("panicked") && !self.stderr.contains("stack backtrace"),
-            "{}",
-            self.stderr
-        );
-        assert!(self.stderr.contains("error: "), "{}", self.stderr);
-        for needle in needles {
-            assert!(
-                self.stderr.contains(needle),
-                "stderr lacks {needle:?}:\n{}",
-                self.stderr
-            );
-        }
-        self
-    }
-}
-
-/// Runs `sd-rs ARGS` offline with an empty Hugging Face cache in `home`.
-fn sd_rs(home: &Path, args: &[&str]) -> Run {
-    let hf_home = home.join("hf-home");
-    std::fs::create_dir_all(&hf_home).unwrap();
-    let out: Output = Command::new(env!("CARGO_BIN_EXE_sd-rs"))
-        .args(args)
-        .env("HF_HUB_OFFLINE", "1")
-        .env("HF_HOME", &hf_home)
-        .env_remove("HF_HUB_CACHE")
-        .env_remove("SD_RS_DEFAULT_MODEL")
-        // A panic would print its backtrace, which fails_with looks for.
-        .env("RUST_BACKTRACE", "1")
-        .output()
-        .unwrap();
-    Run {
-        code: out.status.code(),
-        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-    }
+    common::temp_dir("cli_generate", name)
 }
 
 fn s(p: &Path) -> String {

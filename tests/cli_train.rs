@@ -18,6 +18,8 @@ use std::process::{Command, Stdio};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
+mod common;
+
 const BIN: &str = env!("CARGO_BIN_EXE_sd-rs");
 
 /// A U-Net and text encoder from scratch on 4x4 latents (32x32 images through the fixture's
@@ -103,12 +105,7 @@ fn fixture() -> PathBuf {
 }
 
 fn scratch(name: &str) -> PathBuf {
-    let dir = Path::new(env!("CARGO_TARGET_TMPDIR"))
-        .join("cli_train")
-        .join(name);
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
+    common::temp_dir("cli_train", name)
 }
 
 /// Eight 32x32 squares captioned with their colour, as `dir/data.jsonl` + `dir/img/`.
@@ -188,46 +185,22 @@ fn vae_args(config: &Path, images: &Path, out: &Path, extra: &[&str]) -> Vec<Str
     args
 }
 
-/// Runs the binary; returns (exit code, stderr).
-fn sd_rs(args: &[String]) -> (Option<i32>, String) {
-    let out = Command::new(BIN)
-        .args(args)
-        .stdin(Stdio::null())
-        .output()
-        .expect("running sd-rs");
-    (
-        out.status.code(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
+/// Runs the binary offline (tests/common).
+fn sd_rs(args: &[String]) -> common::Run {
+    let home = Path::new(env!("CARGO_TARGET_TMPDIR")).join("cli_train");
+    common::sd_rs(&home, args)
 }
 
 /// Runs the binary and expects success; returns stderr.
 fn ok(args: &[String]) -> String {
-    let (code, stderr) = sd_rs(args);
-    assert_eq!(code, Some(0), "sd-rs {} failed:\n{stderr}", args.join(" "));
-    stderr
+    sd_rs(args).ok().stderr.clone()
 }
 
 /// Runs the binary and expects a clean failure: exit code 1, an `error:` line, no panic.
 /// Returns the error line.
 fn fails(args: &[String]) -> String {
-    let (code, stderr) = sd_rs(args);
-    assert!(
-        !stderr.contains("panicked"),
-        "sd-rs {} panicked:\n{stderr}",
-        args.join(" ")
-    );
-    assert_eq!(
-        code,
-        Some(1),
-        "sd-rs {} should fail with exit code 1:\n{stderr}",
-        args.join(" ")
-    );
-    let line = stderr
-        .lines()
-        .find(|l| l.starts_with("error: "))
-        .unwrap_or_else(|| panic!("no error line:\n{stderr}"));
-    line.to_string()
+    let run = sd_rs(args);
+    run.fails_with(&[]).error_line().to_string()
 }
 
 fn metrics(dir: &Path) -> Vec<MetricsRecord> {

@@ -1,0 +1,101 @@
+//! Helpers for the tests that run the real `sd-rs` binary (cli_generate, cli_train,
+//! default_model). Each integration test is its own crate and includes this with `mod common;`.
+#![allow(dead_code)] // not every test crate uses every helper
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+/// A fresh, empty folder `CARGO_TARGET_TMPDIR/<group>/<name>` for one test.
+pub fn temp_dir(group: &str, name: &str) -> PathBuf {
+    let dir = Path::new(env!("CARGO_TARGET_TMPDIR"))
+        .join(group)
+        .join(name);
+    if dir.exists() {
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+/// What a run of the binary did.
+pub struct Run {
+    pub command: String,
+    pub code: Option<i32>,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl Run {
+    pub fn ok(&self) -> &Self {
+        assert_eq!(
+            self.code,
+            Some(0),
+            "`{}` should succeed:\n{}",
+            self.command,
+            self.stderr
+        );
+        self
+    }
+
+    /// A handled failure: exit code 1 with an `error:` line naming every needle, never a panic
+    /// (exit code 101 with a backtrace).
+    pub fn fails_with(&self, needles: &[&str]) -> &Self {
+        assert!(
+            !self.stderr.contains("panicked") && !self.stderr.contains("stack backtrace"),
+            "`{}` panicked:\n{}",
+            self.command,
+            self.stderr
+        );
+        assert_eq!(
+            self.code,
+            Some(1),
+            "`{}` should fail with exit code 1:\n{}",
+            self.command,
+            self.stderr
+        );
+        self.error_line();
+        for needle in needles {
+            assert!(
+                self.stderr.contains(needle),
+                "stderr of `{}` lacks {needle:?}:\n{}",
+                self.command,
+                self.stderr
+            );
+        }
+        self
+    }
+
+    /// The first `error: ` line of stderr.
+    pub fn error_line(&self) -> &str {
+        self.stderr
+            .lines()
+            .find(|l| l.starts_with("error: "))
+            .unwrap_or_else(|| panic!("`{}` printed no error line:\n{}", self.command, self.stderr))
+    }
+}
+
+/// Runs `sd-rs ARGS` from the repository root as a user on a machine without network would:
+/// offline, with an empty Hugging Face cache under `home`, no stdin, and backtraces on (so that
+/// a panic shows, which `fails_with` looks for).
+pub fn sd_rs<S: AsRef<str>>(home: &Path, args: &[S]) -> Run {
+    let args: Vec<&str> = args.iter().map(AsRef::as_ref).collect();
+    let hf_home = home.join("hf-home");
+    std::fs::create_dir_all(&hf_home).unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_sd-rs"))
+        .args(&args)
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .stdin(Stdio::null())
+        .env("HF_HUB_OFFLINE", "1")
+        .env("HF_HOME", &hf_home)
+        .env_remove("HF_HUB_CACHE")
+        .env_remove("SD_RS_DEFAULT_MODEL")
+        .env("RUST_BACKTRACE", "1")
+        .output()
+        .expect("running sd-rs");
+    Run {
+        command: format!("sd-rs {}", args.join(" ")),
+        code: out.status.code(),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    }
+}
