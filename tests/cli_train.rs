@@ -1056,4 +1056,37 @@ fn scratch_model_carries_its_sampling_defaults() {
         parameters.contains("Steps: 20, Sampler: Euler, CFG scale: 4,"),
         "{parameters}"
     );
+
+    // A fine-tune of that model keeps them.
+    let tuned = scratch("sampling_defaults").join("tuned");
+    let mut args: Vec<String> = [
+        "train",
+        "--model",
+        &s(&r.out),
+        "--captions",
+        &s(&r.captions),
+    ]
+    .map(String::from)
+    .to_vec();
+    let cache = tuned.with_file_name("cache");
+    args.extend(
+        [
+            "-o",
+            &s(&tuned),
+            "--steps",
+            "1",
+            "--batch-size",
+            "2",
+            "--cache-dir",
+            &s(&cache),
+            "--device",
+            "cpu",
+        ]
+        .map(String::from),
+    );
+    ok(&args);
+    assert_eq!(
+        std::fs::read_to_string(tuned.join("generation_config.json")).unwrap(),
+        text
+    );
 }

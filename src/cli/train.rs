@@ -601,18 +601,30 @@ fn save_model_dir(
     index["requires_safety_checker"] = false.into();
     // A model trained from scratch samples best with the settings it was validated with (a
     // small model wants less guidance than Stable Diffusion's 7.5): `generate` uses them when
-    // the command line does not say. Fine-tunes keep the usual defaults.
-    if c.init.is_none() {
-        let v = &cfg.validation;
-        let defaults = serde_json::json!({
-            "num_inference_steps": v.steps,
-            "guidance_scale": v.guidance_scale,
-            "sampler": v.sampler,
-        });
-        crate::io::write_atomic(
-            &out.join(crate::pipeline::GENERATION_CONFIG),
-            serde_json::to_string_pretty(&defaults)?.as_bytes(),
-        )?;
+    // the command line does not say. A fine-tune keeps those of the model it started from, if
+    // that model has any, and otherwise the usual defaults.
+    let generation_config = out.join(crate::pipeline::GENERATION_CONFIG);
+    match &c.init {
+        None => {
+            let v = &cfg.validation;
+            let defaults = serde_json::json!({
+                "num_inference_steps": v.steps,
+                "guidance_scale": v.guidance_scale,
+                "sampler": v.sampler,
+            });
+            crate::io::write_atomic(
+                &generation_config,
+                serde_json::to_string_pretty(&defaults)?.as_bytes(),
+            )?;
+        }
+        Some(init) => {
+            let base = init.join(crate::pipeline::GENERATION_CONFIG);
+            if base.is_file() {
+                let bytes =
+                    std::fs::read(&base).with_context(|| format!("reading {}", base.display()))?;
+                crate::io::write_atomic(&generation_config, &bytes)?;
+            }
+        }
     }
     crate::io::write_atomic(
         &out.join("model_index.json"),
