@@ -217,6 +217,12 @@ impl ClipAttention {
         let k = heads(self.k_proj.forward(xs)?)?;
         let v = heads(self.v_proj.forward(xs)?)?;
         let scale = (self.head_dim as f64).powf(-0.5);
+        if crate::model::ops::applies(&q) {
+            // One fused node (the mask applied inside): no (L, L) score tensors per head.
+            let out = crate::model::ops::causal_attention(&q, &k, &v, scale)?;
+            let out = out.transpose(1, 2)?.contiguous()?.reshape((b, l, d))?;
+            return Ok(self.out_proj.forward(&out)?);
+        }
         let scores = (q.matmul(&k.t()?)? * scale)?.broadcast_add(causal_mask)?;
         // transformers takes the softmax of half-precision scores in f32; `ops::softmax` (not
         // `softmax_last_dim`) because only it has a backward pass.

@@ -757,14 +757,29 @@ fn dot_rows<T: Real>(a: &Rows<T>, b: &Rows<T>) -> T {
 }
 
 /// The probabilities of a block of queries (`qt`: (d, ROWS), already scaled) against the keys
-/// `k` (nk, d), transposed: `pt[j][r]` = softmax over j of q_r . k_j.
+/// `k` (nk, d), transposed: `pt[j][r]` = softmax over j of q_r . k_j. With `causal` =
+/// Some(r0), the block's row r is query r0 + r and sees only keys j <= r0 + r.
 #[inline(always)]
-fn block_probs<T: Real>(qt: &[Rows<T>], k: &[T], d: usize, pt: &mut [Rows<T>]) {
+fn block_probs<T: Real>(
+    qt: &[Rows<T>],
+    k: &[T],
+    d: usize,
+    pt: &mut [Rows<T>],
+    causal: Option<usize>,
+) {
     for (s, kj) in pt.iter_mut().zip(k.chunks(d)) {
         *s = [T::zero(); ROWS];
         for (qc, &kc) in qt.iter().zip(kj) {
             for r in 0..ROWS {
                 s[r] += kc * qc[r];
+            }
+        }
+    }
+    if let Some(r0) = causal {
+        // Key j is hidden from rows r < j - r0; those scores get -inf (probability 0 below).
+        for (j, s) in pt.iter_mut().enumerate().skip(r0 + 1) {
+            for v in s.iter_mut().take((j - r0).min(ROWS)) {
+                *v = T::from_f64(f64::NEG_INFINITY);
             }
         }
     }
@@ -781,6 +796,14 @@ fn block_probs<T: Real>(qt: &[Rows<T>], k: &[T], d: usize, pt: &mut [Rows<T>]) {
             sum[r] += s[r];
         }
     }
+    if let Some(r0) = causal {
+        // f32's branch-free exp clamps its argument, so exp(-inf) came out as ~1e-38, not 0.
+        for (j, s) in pt.iter_mut().enumerate().skip(r0 + 1) {
+            for v in s.iter_mut().take((j - r0).min(ROWS)) {
+                *v = T::zero();
+            }
+        }
+    }
     for v in sum.iter_mut() {
         *v = T::one() / *v;
     }
@@ -792,8 +815,9 @@ fn block_probs<T: Real>(qt: &[Rows<T>], k: &[T], d: usize, pt: &mut [Rows<T>]) {
 }
 
 multiversion! {
-    /// One head: `o` (nq, d) = softmax(scale q kᵀ) v for q (nq, d), k and v (nk, d).
-    fn attention_head_fwd<T: Real>(q: &[T], k: &[T], v: &[T], o: &mut [T], nk: usize, d: usize, scale: f64) {
+    /// One head: `o` (nq, d) = softmax(scale q kᵀ) v for q (nq, d), k and v (nk, d); when
+    /// `causal`, query i sees keys 0..=i only.
+    fn attention_head_fwd<T: Real>(q: &[T], k: &[T], v: &[T], o: &mut [T], nk: usize, d: usize, scale: f64, causal: bool) {
         let scale = T::from_f64(scale);
         let nq = q.len() / d;
         let mut qt = vec![[T::zero(); ROWS]; d];
@@ -801,7 +825,7 @@ multiversion! {
         for r0 in (0..nq).step_by(ROWS) {
             let rows = (nq - r0).min(ROWS);
             block_transposed(q, r0, d, scale, &mut qt);
-            block_probs(&qt, k, d, &mut pt);
+            block_probs(&qt, k, d, &mut pt, causal.then_some(r0));
             for c in 0..d {
                 let mut acc = [T::zero(); ROWS];
                 for (p, vj) in pt.iter().zip(v.chunks(d)) {
@@ -876,6 +900,7 @@ fn attention_head_fwd_gemm<T: Real>(
     nk: usize,
     d: usize,
     scale: f64,
+    causal: bool,
 ) {
     let nq = q.len() / d;
     let mut scores = vec![T::zero(); GEMM_ROWS * nk];
@@ -909,7 +934,19 @@ fn attention_head_fwd_gemm<T: Real>(
                 gemm::Parallelism::None,
             );
         }
+        if causal {
+            // Query r0 + r sees keys 0..=r0 + r: the rest of its row gets -inf, then 0.
+            for (r, row) in s.chunks_mut(nk).enumerate() {
+                row[(r0 + r + 1).min(nk)..].fill(T::from_f64(f64::NEG_INFINITY));
+            }
+        }
         exp_rows(s, sums, nk);
+        if causal {
+            // (f32's branch-free exp clamps its argument: exp(-inf) came out as ~1e-38.)
+            for (r, row) in s.chunks_mut(nk).enumerate() {
+                row[(r0 + r + 1).min(nk)..].fill(T::zero());
+            }
+        }
         unsafe {
             gemm::gemm(
                 rows,
@@ -955,6 +992,7 @@ multiversion! {
         nk: usize,
         d: usize,
         scale: f64,
+        causal: bool,
     ) {
         let scale = T::from_f64(scale);
         let nq = q.len() / d;
@@ -969,7 +1007,7 @@ multiversion! {
             block_transposed(q, r0, d, T::one(), &mut qt);
             block_transposed(q, r0, d, scale, &mut qt_scaled);
             block_transposed(dout, r0, d, T::one(), &mut dot);
-            block_probs(&qt_scaled, k, d, &mut pt);
+            block_probs(&qt_scaled, k, d, &mut pt, causal.then_some(r0));
             // dp_jr = do_r . v_j; centre_r = sum_j p_jr dp_jr; ds_jr = scale p_jr (dp_jr - centre_r)
             let mut centre = [T::zero(); ROWS];
             for ((ds, p), vj) in dst.iter_mut().zip(&pt).zip(v.chunks(d)) {
@@ -1017,6 +1055,8 @@ multiversion! {
 #[derive(Debug, Clone, Copy)]
 struct AttentionOp {
     scale: f64,
+    /// Query i sees keys 0..=i only (a text encoder's self-attention; needs nq = nk).
+    causal: bool,
 }
 
 impl AttentionOp {
@@ -1061,6 +1101,7 @@ impl AttentionOp {
                     nk,
                     d,
                     self.scale,
+                    self.causal,
                 );
             });
         (dq, dk, dv)
@@ -1090,10 +1131,11 @@ impl CustomOp3 for AttentionOp {
             o.par_chunks_mut(nq * d).enumerate().for_each(|(h, o)| {
                 let hk = h * nk * d..(h + 1) * nk * d;
                 let hq = &q[h * nq * d..][..nq * d];
+                let (k, v) = (&k[hk.clone()], &v[hk]);
                 if attention_uses_gemm(nq, nk, d) {
-                    attention_head_fwd_gemm(hq, &k[hk.clone()], &v[hk], o, nk, d, self.scale);
+                    attention_head_fwd_gemm(hq, k, v, o, nk, d, self.scale, self.causal);
                 } else {
-                    attention_head_fwd(hq, &k[hk.clone()], &v[hk], o, nk, d, self.scale);
+                    attention_head_fwd(hq, k, v, o, nk, d, self.scale, self.causal);
                 }
             });
             Ok(storage(o, ql.shape().clone()))
@@ -1126,8 +1168,31 @@ impl CustomOp3 for AttentionOp {
 /// softmax(scale · q kᵀ) v for `q` (B, H, Nq, d), `k`, `v` (B, H, Nk, d), as one graph node
 /// that never holds more than a block of scores per head. Requires [`applies`].
 pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Result<Tensor> {
+    let op = AttentionOp {
+        scale,
+        causal: false,
+    };
     q.contiguous()?
-        .apply_op3(&k.contiguous()?, &v.contiguous()?, AttentionOp { scale })
+        .apply_op3(&k.contiguous()?, &v.contiguous()?, op)
+}
+
+/// [`attention`] where query i sees only keys 0..=i (CLIP's causal self-attention): the same
+/// as adding a mask of -inf above the diagonal to the scores. Requires [`applies`] and
+/// nq = nk.
+pub fn causal_attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Result<Tensor> {
+    if q.dims() != k.dims() {
+        bail!(
+            "causal attention: q {:?} and k {:?} differ",
+            q.dims(),
+            k.dims()
+        )
+    }
+    let op = AttentionOp {
+        scale,
+        causal: true,
+    };
+    q.contiguous()?
+        .apply_op3(&k.contiguous()?, &v.contiguous()?, op)
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -2199,6 +2264,63 @@ mod tests {
                         .unwrap()
                 },
                 1e-12,
+            );
+        }
+    }
+
+    #[test]
+    fn causal_attention_matches_masked_composed_ops() {
+        // A text encoder's 77 tokens: two blocks of query rows in the loops (d = 8), one full
+        // and one partial GEMM block (d = 16); f64 forward and backward, and f32 forward.
+        for (n, d) in [(77, 8), (77, 16)] {
+            let inputs = [
+                (randn(&[2, 3, n, d], 90) * 2.0).unwrap(),
+                (randn(&[2, 3, n, d], 91) * 2.0).unwrap(),
+                randn(&[2, 3, n, d], 92),
+            ];
+            let reference = |t: &[Tensor]| {
+                let mask: Vec<f64> = (0..n * n)
+                    .map(|i| {
+                        if i % n > i / n {
+                            f64::NEG_INFINITY
+                        } else {
+                            0.0
+                        }
+                    })
+                    .collect();
+                let mask = Tensor::from_vec(mask, (n, n), t[0].device())
+                    .unwrap()
+                    .to_dtype(t[0].dtype())
+                    .unwrap();
+                let scores = (t[0].matmul(&t[1].t().unwrap()).unwrap() * 0.3).unwrap();
+                candle_nn::ops::softmax(&scores.broadcast_add(&mask).unwrap(), D::Minus1)
+                    .unwrap()
+                    .matmul(&t[2])
+                    .unwrap()
+            };
+            check(
+                &format!("causal attention {n}x{n}, d {d}"),
+                &inputs,
+                &|t| causal_attention(&t[0], &t[1], &t[2], 0.3).unwrap(),
+                &reference,
+                1e-12,
+            );
+            let f32s: Vec<Tensor> = inputs
+                .iter()
+                .map(|t| t.to_dtype(DType::F32).unwrap())
+                .collect();
+            let err = (causal_attention(&f32s[0], &f32s[1], &f32s[2], 0.3).unwrap()
+                - reference(&f32s))
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+            assert!(
+                err < 1e-5,
+                "causal attention f32, d {d}: max abs error {err}"
             );
         }
     }
