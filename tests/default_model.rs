@@ -188,3 +188,54 @@ fn unknown_prompt_words_are_reported_not_dropped_silently() {
     );
     assert_eq!(std::fs::read_dir(&out).unwrap().count(), 1);
 }
+
+/// The configs the README gives for reproducing the model describe the model that is shipped:
+/// every architecture and noise-schedule field they set has the same value in its config.json
+/// files (the VAE's `scaling_factor` is measured by `train-vae`, so the config's is only a
+/// starting value).
+#[test]
+fn shipped_configs_describe_the_shipped_model() {
+    let toml_file = |name: &str| -> toml::Table {
+        let path = repo().join("configs/sd-rs-anime").join(name);
+        toml::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap()
+    };
+    let json_file = |path: &str| -> serde_json::Value {
+        let path = repo().join("models/sd-rs-anime").join(path);
+        serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap()
+    };
+    let unet = toml_file("unet.toml");
+    let vae = toml_file("vae.toml");
+    let model = unet["model"].as_table().unwrap();
+    let sections = [
+        (
+            model["unet"].as_table().unwrap(),
+            json_file("unet/config.json"),
+        ),
+        (
+            model["text_encoder"].as_table().unwrap(),
+            json_file("text_encoder/config.json"),
+        ),
+        (
+            model["scheduler"].as_table().unwrap(),
+            json_file("scheduler/scheduler_config.json"),
+        ),
+        (vae["vae"].as_table().unwrap(), json_file("vae/config.json")),
+    ];
+    let mut compared = 0;
+    for (section, shipped) in sections {
+        for (key, value) in section {
+            if key == "scaling_factor" {
+                continue;
+            }
+            let expected = serde_json::to_value(value).unwrap();
+            assert_eq!(
+                shipped.get(key),
+                Some(&expected),
+                "`{key}`: the config says {expected}, the shipped model {:?}",
+                shipped.get(key)
+            );
+            compared += 1;
+        }
+    }
+    assert!(compared >= 25, "only {compared} fields compared");
+}
