@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Makes the shipped default model, models/sd-rs-anime, from nothing but npm packages and sd-rs:
-# render the avatar dataset, train the VAE, train the U-Net and text encoder, copy the result
-# into models/ (f16 weights) and measure how well it follows prompts.
+# render the avatar dataset, train the VAE, train the U-Net and text encoder (two stages), copy
+# the result into models/ (f16 weights) and measure how well it follows prompts.
 #
 # Resumable: run it again after a stop (or in a later session) and every stage continues from
 # its last checkpoint; finished stages are skipped. Work goes to $SD_RS_WORK (default
@@ -18,6 +18,7 @@ DATA="$WORK/avatars"
 VAE="$WORK/anime-vae"
 VAE_FT="$WORK/anime-vae-ft"
 MODEL="$WORK/anime"
+MODEL_FT="$WORK/anime-ft"
 mkdir -p "$WORK"
 
 if [ ! -f "$DATA/data.jsonl" ]; then
@@ -52,14 +53,23 @@ if [ ! -f "$VAE_FT/config.json" ]; then
     --init "$VAE" --decoder-only --steps 1500 -o "$VAE_FT" --device "$DEVICE" "${resume[@]}"
 fi
 
-echo "== training the U-Net and text encoder into $MODEL"
-resume=(); has_checkpoint "$MODEL" && resume=(--resume)
-"$SD" train --config configs/sd-rs-anime/unet.toml --captions "$DATA/data.jsonl" --vae "$VAE" \
-  -o "$MODEL" --device "$DEVICE" --save-f16 "${resume[@]}"
+if [ ! -f "$MODEL/model_index.json" ]; then
+  echo "== training the U-Net and text encoder into $MODEL"
+  resume=(); has_checkpoint "$MODEL" && resume=(--resume)
+  "$SD" train --config configs/sd-rs-anime/unet.toml --captions "$DATA/data.jsonl" --vae "$VAE" \
+    -o "$MODEL" --device "$DEVICE" --save-f16 "${resume[@]}"
+fi
+
+# Second stage: the same U-Net and text encoder trained further from their EMA weights, with
+# a fresh warm-up and cosine decay (see the config for why).
+echo "== training them further into $MODEL_FT"
+resume=(); has_checkpoint "$MODEL_FT" && resume=(--resume)
+"$SD" train --model "$MODEL" --config configs/sd-rs-anime/unet-finetune.toml \
+  --captions "$DATA/data.jsonl" -o "$MODEL_FT" --device "$DEVICE" --save-f16 "${resume[@]}"
 
 echo "== copying the model into models/sd-rs-anime"
 rm -rf models/sd-rs-anime.tmp && mkdir -p models/sd-rs-anime.tmp
-cp -r "$MODEL"/{model_index.json,generation_config.json,unet,text_encoder,tokenizer,scheduler} \
+cp -r "$MODEL_FT"/{model_index.json,generation_config.json,unet,text_encoder,tokenizer,scheduler} \
   models/sd-rs-anime.tmp/
 # The VAE with the fine-tuned decoder (f32: under 3 MB).
 mkdir -p models/sd-rs-anime.tmp/vae
