@@ -10,6 +10,7 @@ fn main() -> ExitCode {
         let threads = candle_core::utils::get_num_threads();
         std::env::set_var("RAYON_NUM_THREADS", threads.to_string());
     }
+    keep_freed_memory();
     let cli = sd_rs::cli::Cli::parse();
     match sd_rs::cli::run(cli) {
         Ok(()) => ExitCode::SUCCESS,
@@ -18,5 +19,19 @@ fn main() -> ExitCode {
             eprintln!("error: {err:#}");
             ExitCode::FAILURE
         }
+    }
+}
+
+/// Every op allocates its output afresh. glibc's defaults give large freed blocks back to the
+/// kernel (mmap threshold adjusted up to the largest block freed, heap trimmed above twice
+/// that), so the next step's buffers arrive as new pages the kernel must fault in and zero.
+/// A fixed 32 MiB threshold (glibc's maximum) and no trimming keep those blocks for reuse:
+/// 5-8% off a training step of the default model, same peak memory (BENCHMARKS.md).
+fn keep_freed_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only sets allocator parameters; called before any thread exists.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 32 << 20);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, i32::MAX);
     }
 }

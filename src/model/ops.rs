@@ -2268,7 +2268,11 @@ mod tests {
             1e-12,
         );
         // Large enough for gemm's own blocking and threads.
-        let inputs = [randn(&[3, 70, 300], 53), randn(&[130, 300], 54), randn(&[130], 55)];
+        let inputs = [
+            randn(&[3, 70, 300], 53),
+            randn(&[130, 300], 54),
+            randn(&[130], 55),
+        ];
         check(
             "linear, larger",
             &inputs,
