@@ -2247,44 +2247,34 @@ mod tests {
 
     #[test]
     fn linear_and_attention_match_composed_ops() {
-        let inputs = [randn(&[2, 5, 6], 50), randn(&[4, 6], 51), randn(&[4], 52)];
-        check(
-            "linear",
-            &inputs,
-            &|t| linear(&t[0], &t[1], Some(&t[2])).unwrap(),
-            &|t| {
-                t[0].broadcast_matmul(&t[1].t().unwrap())
-                    .unwrap()
-                    .broadcast_add(&t[2])
-                    .unwrap()
-            },
-            1e-12,
-        );
-        check(
-            "linear without bias",
-            &inputs[..2],
-            &|t| linear(&t[0], &t[1], None).unwrap(),
-            &|t| t[0].broadcast_matmul(&t[1].t().unwrap()).unwrap(),
-            1e-12,
-        );
-        // Large enough for gemm's own blocking and threads.
-        let inputs = [
-            randn(&[3, 70, 300], 53),
-            randn(&[130, 300], 54),
-            randn(&[130], 55),
-        ];
-        check(
-            "linear, larger",
-            &inputs,
-            &|t| linear(&t[0], &t[1], Some(&t[2])).unwrap(),
-            &|t| {
-                t[0].broadcast_matmul(&t[1].t().unwrap())
-                    .unwrap()
-                    .broadcast_add(&t[2])
-                    .unwrap()
-            },
-            1e-12,
-        );
+        // A tiny layer, and one large enough for gemm's own blocking and threads.
+        for (x, n, seed) in [(vec![2, 5, 6], 4, 50), (vec![3, 70, 300], 130, 53)] {
+            let k = x[2];
+            let inputs = [
+                randn(&x, seed),
+                randn(&[n, k], seed + 1),
+                randn(&[n], seed + 2),
+            ];
+            check(
+                "linear",
+                &inputs,
+                &|t| linear(&t[0], &t[1], Some(&t[2])).unwrap(),
+                &|t| {
+                    t[0].broadcast_matmul(&t[1].t().unwrap())
+                        .unwrap()
+                        .broadcast_add(&t[2])
+                        .unwrap()
+                },
+                1e-12,
+            );
+            check(
+                "linear without bias",
+                &inputs[..2],
+                &|t| linear(&t[0], &t[1], None).unwrap(),
+                &|t| t[0].broadcast_matmul(&t[1].t().unwrap()).unwrap(),
+                1e-12,
+            );
+        }
         // Self-attention with more query rows than one block, and cross-attention; with the
         // register-blocked loops (d = 5) and with GEMMs (wider heads, last block partial).
         assert!(!attention_uses_gemm(70, 70, 5) && attention_uses_gemm(70, 70, 16));
