@@ -7,6 +7,10 @@ on all but the last --held-out of them and prints its accuracy per class on thos
 accuracy means the information is in the latents, so a U-Net that does not draw eyewear is
 limited by itself (its training), not by the VAE's encoder.
 
+With --reconstructions DIR it also decodes the held-out images' latents again and writes them,
+with their attributes.jsonl, to DIR: scripts/eval_prompt_following.py --attributes
+DIR/attributes.jsonl then measures how much eyewear the decoder can draw at best.
+
   scripts/.venv/bin/python scripts/probe_eyewear_latents.py --data ~/sd-rs-runs/avatars
 """
 
@@ -31,6 +35,7 @@ def main() -> None:
     ap.add_argument("--vae", type=Path, default=HERE.parent / "models" / "sd-rs-anime" / "vae")
     ap.add_argument("--count", type=int, default=6000)
     ap.add_argument("--held-out", type=int, default=1000)
+    ap.add_argument("--reconstructions", type=Path, help="write the held-out images' VAE round trips here")
     args = ap.parse_args()
     torch.manual_seed(0)
     torch.set_num_threads(2)
@@ -44,9 +49,11 @@ def main() -> None:
         for i in range(0, len(rows), 200):
             pixels = np.stack([np.asarray(Image.open(args.data / r["file_name"]).convert("RGB")) for r in rows[i : i + 200]])
             x = torch.from_numpy(pixels.astype(np.float32) / 127.5 - 1).permute(0, 3, 1, 2)
-            latents.append(vae.encode(x).latent_dist.mean.flatten(1))
-    x = torch.cat(latents)
+            latents.append(vae.encode(x).latent_dist.mean)
     n = len(rows) - args.held_out
+    if args.reconstructions:
+        write_reconstructions(vae, torch.cat(latents)[n:], rows[n:], args.reconstructions)
+    x = torch.cat(latents).flatten(1)
     x = (x - x[:n].mean(0)) / (x[:n].std(0) + 1e-6)
 
     w = torch.zeros(x.shape[1], len(CLASSES), requires_grad=True)
@@ -65,6 +72,19 @@ def main() -> None:
         mask = truth == k
         print(f"  {name:<11} {int(mask.sum()):5d} images  {100 * (predicted[mask] == k).float().mean():5.1f}% correct")
     print(f"  all         {len(truth):5d} images  {100 * (predicted == truth).float().mean():5.1f}% correct")
+
+
+def write_reconstructions(vae: AutoencoderKL, latents: torch.Tensor, rows: list[dict], out: Path) -> None:
+    (out / "images").mkdir(parents=True, exist_ok=True)
+    with torch.no_grad(), open(out / "attributes.jsonl", "w") as f:
+        for i in range(0, len(rows), 200):
+            images = vae.decode(latents[i : i + 200]).sample.clamp(-1, 1)
+            images = ((images.permute(0, 2, 3, 1).numpy() + 1) * 127.5).round().astype(np.uint8)
+            for r, image in zip(rows[i : i + 200], images):
+                name = "images/" + Path(r["file_name"]).name
+                Image.fromarray(image).save(out / name)
+                f.write(json.dumps({**r, "file_name": name}) + "\n")
+    print(f"wrote {len(rows)} VAE round trips to {out}")
 
 
 if __name__ == "__main__":
