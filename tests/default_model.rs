@@ -117,6 +117,27 @@ fn readme_first_command_makes_an_anime_girl_with_red_hair() {
     assert_eq!(hair_colour_of(&image, &hair_colours()), "red");
 }
 
+/// Runs `generate` for `count` images of `prompt` from `seed` (one batch) into `dir/name` and
+/// returns the images' paths in order.
+fn generate(dir: &Path, name: &str, prompt: &str, seed: u64, count: usize) -> Vec<PathBuf> {
+    let out = dir.join(name);
+    let (seed, count) = (seed.to_string(), count.to_string());
+    let out_arg = out.display().to_string();
+    let args = ["generate", prompt, "--seed", &seed, "--num-images", &count];
+    sd_rs(
+        dir,
+        &[&args[..], &["--batch-size", &count, "-o", &out_arg]].concat(),
+    )
+    .ok();
+    let mut files: Vec<PathBuf> = std::fs::read_dir(&out)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    files.sort();
+    assert_eq!(files.len().to_string(), count, "{files:?}");
+    files
+}
+
 /// Each prompted hair colour shows on the crown of the head, for several seeds.
 #[test]
 fn prompted_hair_colours_are_drawn() {
@@ -124,29 +145,7 @@ fn prompted_hair_colours_are_drawn() {
     let colours = hair_colours();
     let mut wrong = Vec::new();
     for name in ["red", "blue", "blonde", "green", "black", "pink"] {
-        let out = dir.join(name);
-        sd_rs(
-            &dir,
-            &[
-                "generate",
-                &format!("anime girl, {name} hair"),
-                "--seed",
-                "100",
-                "--num-images",
-                "3",
-                "--batch-size",
-                "3",
-                "-o",
-                &out.display().to_string(),
-            ],
-        )
-        .ok();
-        let mut files: Vec<PathBuf> = std::fs::read_dir(&out)
-            .unwrap()
-            .map(|e| e.unwrap().path())
-            .collect();
-        files.sort();
-        assert_eq!(files.len(), 3, "{files:?}");
+        let files = generate(&dir, name, &format!("anime girl, {name} hair"), 100, 3);
         for file in files {
             let seen = hair_colour_of(&image::open(&file).unwrap().to_rgb8(), &colours);
             println!("{name} hair: {} -> {seen}", file.display());
@@ -199,20 +198,7 @@ fn prompted_sunglasses_are_drawn() {
         ("with", "anime girl, pink hair, sunglasses"),
         ("without", "anime girl, pink hair"),
     ] {
-        let out = dir.join(name);
-        let args = ["generate", prompt, "--seed", "200", "--num-images", "4"];
-        let out_arg = out.display().to_string();
-        sd_rs(
-            &dir,
-            &[&args[..], &["--batch-size", "4", "-o", &out_arg]].concat(),
-        )
-        .ok();
-        let mut files: Vec<PathBuf> = std::fs::read_dir(&out)
-            .unwrap()
-            .map(|e| e.unwrap().path())
-            .collect();
-        files.sort();
-        assert_eq!(files.len(), 4, "{files:?}");
+        let files = generate(&dir, name, prompt, 200, 4);
         let lens: Vec<f64> = files
             .iter()
             .map(|f| black_lens_fraction(&image::open(f).unwrap().to_rgb8()))
