@@ -26,7 +26,7 @@ fn main() -> ExitCode {
 /// kernel (mmap threshold adjusted up to the largest block freed, heap trimmed above twice
 /// that), so the next step's buffers arrive as new pages the kernel must fault in and zero.
 /// A fixed 32 MiB threshold (glibc's maximum) and no trimming keep those blocks for reuse:
-/// 5-8% off a training step of the default model, same peak memory (BENCHMARKS.md).
+/// 5-8% off a training step of the default model, about the same peak memory (BENCHMARKS.md).
 fn keep_freed_memory() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     // SAFETY: mallopt only sets allocator parameters; called before any thread exists.
