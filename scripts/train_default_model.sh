@@ -53,19 +53,25 @@ if [ ! -f "$VAE_FT/config.json" ]; then
     --init "$VAE" --decoder-only --steps 1500 -o "$VAE_FT" --device "$DEVICE" "${resume[@]}"
 fi
 
-if [ ! -f "$MODEL/model_index.json" ]; then
+# `train` writes a usable model folder (model_index.json included) at every validation, so
+# a finished U-Net stage is marked by a file written only once its command has returned.
+if [ ! -f "$MODEL/.finished" ]; then
   echo "== training the U-Net and text encoder into $MODEL"
   resume=(); has_checkpoint "$MODEL" && resume=(--resume)
   "$SD" train --config configs/sd-rs-anime/unet.toml --captions "$DATA/data.jsonl" --vae "$VAE" \
     -o "$MODEL" --device "$DEVICE" --save-f16 "${resume[@]}"
+  touch "$MODEL/.finished"
 fi
 
 # Second stage: the same U-Net and text encoder trained further from their EMA weights, with
 # a fresh warm-up and cosine decay (see the config for why).
-echo "== training them further into $MODEL_FT"
-resume=(); has_checkpoint "$MODEL_FT" && resume=(--resume)
-"$SD" train --model "$MODEL" --config configs/sd-rs-anime/unet-finetune.toml \
-  --captions "$DATA/data.jsonl" -o "$MODEL_FT" --device "$DEVICE" --save-f16 "${resume[@]}"
+if [ ! -f "$MODEL_FT/.finished" ]; then
+  echo "== training them further into $MODEL_FT"
+  resume=(); has_checkpoint "$MODEL_FT" && resume=(--resume)
+  "$SD" train --model "$MODEL" --config configs/sd-rs-anime/unet-finetune.toml \
+    --captions "$DATA/data.jsonl" -o "$MODEL_FT" --device "$DEVICE" --save-f16 "${resume[@]}"
+  touch "$MODEL_FT/.finished"
+fi
 
 echo "== copying the model into models/sd-rs-anime"
 rm -rf models/sd-rs-anime.tmp && mkdir -p models/sd-rs-anime.tmp
