@@ -38,15 +38,19 @@ fn hair_colours() -> Vec<(String, [f64; 3])> {
         .collect()
 }
 
+/// A mask of scripts/avatars/masks as a 0-1 value per pixel of `image` (same size).
+fn mask(name: &str, image: &image::RgbImage) -> Vec<f64> {
+    let path = repo().join(format!("scripts/avatars/masks/{name}.png"));
+    let mask = image::open(&path).unwrap().to_luma8();
+    assert_eq!(mask.dimensions(), image.dimensions(), "{}", path.display());
+    mask.pixels().map(|p| p.0[0] as f64 / 255.0).collect()
+}
+
 /// The name of the hair colour nearest to the median colour of the crown of the head.
 fn hair_colour_of(image: &image::RgbImage, colours: &[(String, [f64; 3])]) -> String {
-    let mask = image::open(repo().join("scripts/avatars/masks/hair.png"))
-        .unwrap()
-        .to_luma8();
-    assert_eq!(mask.dimensions(), image.dimensions());
     let mut channels: [Vec<u8>; 3] = Default::default();
-    for (m, px) in mask.pixels().zip(image.pixels()) {
-        if m.0[0] as f64 >= 0.9 * 255.0 {
+    for (m, px) in mask("hair", image).into_iter().zip(image.pixels()) {
+        if m >= 0.9 {
             for c in 0..3 {
                 channels[c].push(px.0[c]);
             }
@@ -121,20 +125,24 @@ fn readme_first_command_makes_an_anime_girl_with_red_hair() {
 /// returns the images' paths in order.
 fn generate(dir: &Path, name: &str, prompt: &str, seed: u64, count: usize) -> Vec<PathBuf> {
     let out = dir.join(name);
-    let (seed, count) = (seed.to_string(), count.to_string());
+    let (seed_arg, count_arg) = (seed.to_string(), count.to_string());
     let out_arg = out.display().to_string();
-    let args = ["generate", prompt, "--seed", &seed, "--num-images", &count];
-    sd_rs(
-        dir,
-        &[&args[..], &["--batch-size", &count, "-o", &out_arg]].concat(),
-    )
-    .ok();
+    let args = [
+        "generate",
+        prompt,
+        "--seed",
+        &seed_arg,
+        "--num-images",
+        &count_arg,
+    ];
+    let batch = ["--batch-size", &count_arg, "-o", &out_arg];
+    sd_rs(dir, &[&args[..], &batch[..]].concat()).ok();
     let mut files: Vec<PathBuf> = std::fs::read_dir(&out)
         .unwrap()
         .map(|e| e.unwrap().path())
         .collect();
     files.sort();
-    assert_eq!(files.len().to_string(), count, "{files:?}");
+    assert_eq!(files.len(), count, "{files:?}");
     files
 }
 
@@ -157,19 +165,12 @@ fn prompted_hair_colours_are_drawn() {
     assert!(wrong.is_empty(), "wrong hair colour: {wrong:?}");
 }
 
-/// A mask of scripts/avatars/masks as a 0-1 value per pixel.
-fn mask(name: &str) -> Vec<f64> {
-    let path = repo().join(format!("scripts/avatars/masks/{name}.png"));
-    let image = image::open(&path).unwrap().to_luma8();
-    image.pixels().map(|p| p.0[0] as f64 / 255.0).collect()
-}
-
 /// The fraction of sunglass-lens pixels (over the eyes, where hair rarely reaches) darker than
 /// 0.35 of the face's median skin luma, as scripts/eval_prompt_following.py measures it: eye
 /// whites show there without sunglasses.
 fn black_lens_fraction(image: &image::RgbImage) -> f64 {
-    let (sunglasses, eyes, hair, skin) =
-        (mask("sunglasses"), mask("eyes"), mask("hair"), mask("skin"));
+    let [sunglasses, eyes, hair, skin] =
+        ["sunglasses", "eyes", "hair", "skin"].map(|m| mask(m, image));
     let luma: Vec<f64> = image
         .pixels()
         .map(|p| 0.299 * p.0[0] as f64 + 0.587 * p.0[1] as f64 + 0.114 * p.0[2] as f64)
