@@ -182,12 +182,18 @@ pub fn conv2d(
 #[derive(Debug, Clone)]
 pub struct Linear {
     composed: candle_nn::Linear,
+    /// The weight stored transposed, (in, out), when [`Linear::transposed_for_inference`] chose
+    /// it; `composed` then holds a view of it, so the weight exists once.
+    weight_t: Option<Tensor>,
 }
 
 impl Module for Linear {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         if ops::applies(x) {
-            ops::linear(x, self.composed.weight(), self.composed.bias())
+            match &self.weight_t {
+                Some(weight_t) => ops::linear_kn(x, weight_t, self.composed.bias()),
+                None => ops::linear(x, self.composed.weight(), self.composed.bias()),
+            }
         } else if self.composed.weight().dtype() == x.dtype() {
             self.composed.forward(x)
         } else {
@@ -202,7 +208,31 @@ impl Linear {
     pub fn new(weight: Tensor, bias: Option<Tensor>) -> Self {
         Self {
             composed: candle_nn::Linear::new(weight, bias),
+            weight_t: None,
         }
+    }
+
+    /// A frozen weight on the CPU stored transposed, (in, out), for the fused GEMM to read with
+    /// unit stride: 1.1-1.8x faster GEMMs on CLIP-L's shapes, where 77 tokens per prompt meet
+    /// 768x3072 weights (scripts/gemm-vs-mkl). Trained weights (variables) and other devices are
+    /// left as they are; so are layers with many input rows (the U-Net's), where packing the
+    /// weight is a small part of the GEMM and the transposition would only lengthen loading.
+    pub fn transposed_for_inference(self) -> Result<Self> {
+        let weight = self.composed.weight();
+        if weight.is_variable() || !weight.device().is_cpu() || self.weight_t.is_some() {
+            return Ok(self);
+        }
+        // Copied on a rayon worker: the weights were read on the workers (the loader's
+        // prefetch), and glibc gives a freed block back to the arena of the thread that
+        // allocated it, so copies made there reuse the originals' memory while copies made on
+        // the calling thread grew the peak RSS by the whole of the layers (CLIP-L: +315 MiB).
+        let (weight_t, ()) = rayon::join(|| weight.t()?.contiguous(), || ());
+        let weight_t = weight_t?;
+        let bias = self.composed.bias().cloned();
+        Ok(Self {
+            composed: candle_nn::Linear::new(weight_t.t()?, bias),
+            weight_t: Some(weight_t),
+        })
     }
 }
 
@@ -213,7 +243,10 @@ pub fn linear(in_dim: usize, out_dim: usize, bias: bool, vb: VarBuilder) -> Resu
     } else {
         candle_nn::linear_no_bias(in_dim, out_dim, vb)?
     };
-    Ok(Linear { composed })
+    Ok(Linear {
+        composed,
+        weight_t: None,
+    })
 }
 
 /// `nn.LayerNorm` over the last dimension, written from mean and variance so that it has a
