@@ -70,81 +70,56 @@ CASES = ["unet", "vae-decode", "text", "generate", "train", "load"]
 def plan(args):
     """The work of each case: model, sizes, batch, runs (identical for both tools).
 
-    At 512x512 one U-Net step or VAE decode takes 30-80 s per tool on 2 cores, so those run once
-    without a warm-up there (the first run is not slower: see the warm-up timings of --quick);
-    20 generate steps at 512x512 would take ~15 minutes per tool, so generate runs at 256x256
-    unless --generate-size says otherwise.
+    On the CPU, at 512x512 one U-Net step or VAE decode takes 30-80 s per tool on 2 cores, so
+    those run once without a warm-up there (the first run is not slower: see the warm-up timings
+    of --quick); 20 generate steps at 512x512 would take ~15 minutes per tool, so generate runs at
+    256x256 unless --generate-size says otherwise.
+
+    On a GPU generate runs at 512x512, with more warm-up and timed runs (a run takes
+    milliseconds; the first ones pay for cuBLAS/cuDNN set-up and kernel loading), and each case
+    in one round (a process costs seconds of start-up: CUDA context, imports, weights; the GPU
+    machine runs nothing else).
     """
     size = 256 if args.quick else 512
-    if args.device == "cuda":
-        return plan_cuda(args, size)
-    gen = args.generate_size or 256
-    big_runs = dict(warmup=1, repeat=2) if args.quick else dict(warmup=0, repeat=1)
-    cases = {
-        "unet": dict(
-            label=f"U-Net step {size}x{size}, batch 2 (guidance pair)",
-            model=SD15, width=size, height=size, batch=2, **big_runs,
-        ),
-        "vae-decode": dict(
-            label=f"VAE decode {size}x{size}, batch 1",
-            model=SD15, width=size, height=size, batch=1, **big_runs,
-        ),
-        "text": dict(
-            label="text encoding, batch 2 x 77 tokens",
-            model=SD15, batch=2, warmup=1, repeat=5 if args.quick else 10, rounds=2,
-        ),
-        "generate": dict(
-            label=f"generate {gen}x{gen}, {args.steps} Euler steps, CFG, 1 image",
-            model=SD15, width=gen, height=gen, batch=1, steps=args.steps, warmup=0, repeat=1,
-        ),
-        "train": dict(
-            label="train step, small U-Net + text encoder, batch 32",
-            model=SMALL, batch=32, warmup=1, repeat=3 if args.quick else 5, rounds=2,
-        ),
-        "load": dict(
-            label="load the SD 1.5-shaped pipeline (4.3 GB fp32)",
-            model=SD15, warmup=1, repeat=2 if args.quick else 3, rounds=2,
-        ),
-    }
-    if args.repeat:
-        for c in cases.values():
-            c["repeat"] = args.repeat
-    return cases
-
-
-def plan_cuda(args, size):
-    """The cases on a GPU: the same work as on the CPU, but generate at 512x512 by default, more
-    warm-up and timed runs (a run takes milliseconds; the first ones pay for cuBLAS/cuDNN set-up
-    and kernel loading), and one round each (a process costs seconds of start-up: CUDA context,
-    imports, weights; the GPU machine runs nothing else)."""
-    gen = args.generate_size or 512
     q = args.quick
-    big_runs = dict(warmup=1, repeat=3) if q else dict(warmup=2, repeat=10)
+    if args.device == "cuda":
+        gen = args.generate_size or 512
+        runs = {
+            "big": dict(warmup=1, repeat=3) if q else dict(warmup=2, repeat=10),
+            "text": dict(warmup=2, repeat=10 if q else 20),
+            "generate": dict(warmup=1, repeat=2 if q else 3),
+            "train": dict(warmup=3, repeat=10 if q else 20),
+            "load": dict(warmup=1, repeat=2 if q else 3),
+        }
+        load_label = f"load the SD 1.5-shaped pipeline (4.3 GB fp32) to the GPU in {args.dtype}"
+    else:
+        gen = args.generate_size or 256
+        runs = {
+            "big": dict(warmup=1, repeat=2) if q else dict(warmup=0, repeat=1),
+            "text": dict(warmup=1, repeat=5 if q else 10, rounds=2),
+            "generate": dict(warmup=0, repeat=1),
+            "train": dict(warmup=1, repeat=3 if q else 5, rounds=2),
+            "load": dict(warmup=1, repeat=2 if q else 3, rounds=2),
+        }
+        load_label = "load the SD 1.5-shaped pipeline (4.3 GB fp32)"
     cases = {
         "unet": dict(
             label=f"U-Net step {size}x{size}, batch 2 (guidance pair)",
-            model=SD15, width=size, height=size, batch=2, **big_runs,
+            model=SD15, width=size, height=size, batch=2, **runs["big"],
         ),
         "vae-decode": dict(
             label=f"VAE decode {size}x{size}, batch 1",
-            model=SD15, width=size, height=size, batch=1, **big_runs,
+            model=SD15, width=size, height=size, batch=1, **runs["big"],
         ),
-        "text": dict(
-            label="text encoding, batch 2 x 77 tokens",
-            model=SD15, batch=2, warmup=2, repeat=10 if q else 20,
-        ),
+        "text": dict(label="text encoding, batch 2 x 77 tokens", model=SD15, batch=2, **runs["text"]),
         "generate": dict(
             label=f"generate {gen}x{gen}, {args.steps} Euler steps, CFG, 1 image",
-            model=SD15, width=gen, height=gen, batch=1, steps=args.steps, warmup=1, repeat=2 if q else 3,
+            model=SD15, width=gen, height=gen, batch=1, steps=args.steps, **runs["generate"],
         ),
         "train": dict(
-            label="train step, small U-Net + text encoder, batch 32",
-            model=SMALL, batch=32, warmup=3, repeat=10 if q else 20,
+            label="train step, small U-Net + text encoder, batch 32", model=SMALL, batch=32, **runs["train"],
         ),
-        "load": dict(
-            label=f"load the SD 1.5-shaped pipeline (4.3 GB fp32) to the GPU in {args.dtype}",
-            model=SD15, warmup=1, repeat=2 if q else 3,
-        ),
+        "load": dict(label=load_label, model=SD15, **runs["load"]),
     }
     if args.repeat:
         for c in cases.values():
