@@ -222,12 +222,10 @@ impl Linear {
         if weight.is_variable() || !weight.device().is_cpu() || self.weight_t.is_some() {
             return Ok(self);
         }
-        // Copied on a rayon worker: the weights were read on the workers (the loader's
-        // prefetch), and glibc gives a freed block back to the arena of the thread that
-        // allocated it, so copies made there reuse the originals' memory while copies made on
-        // the calling thread grew the peak RSS by the whole of the layers (CLIP-L: +315 MiB).
-        let (weight_t, ()) = rayon::join(|| weight.t()?.contiguous(), || ());
-        let weight_t = weight_t?;
+        if !ops::applies(weight) {
+            return Ok(self);
+        }
+        let weight_t = ops::transpose_2d(weight)?;
         let bias = self.composed.bias().cloned();
         Ok(Self {
             composed: candle_nn::Linear::new(weight_t.t()?, bias),
