@@ -219,10 +219,8 @@ impl Linear {
     /// weight is a small part of the GEMM and the transposition would only lengthen loading.
     pub fn transposed_for_inference(self) -> Result<Self> {
         let weight = self.composed.weight();
-        if weight.is_variable() || !weight.device().is_cpu() || self.weight_t.is_some() {
-            return Ok(self);
-        }
-        if !ops::applies(weight) {
+        // `applies`: on the CPU, in f32/f64, with the fused kernels on (they read weight_t).
+        if weight.is_variable() || self.weight_t.is_some() || !ops::applies(weight) {
             return Ok(self);
         }
         let weight_t = ops::transpose_2d(weight)?;
