@@ -2335,48 +2335,41 @@ mod tests {
                 randn(&[n, k], seed + 1),
                 randn(&[n], seed + 2),
             ];
-            check(
-                "linear",
-                &inputs,
-                &|t| linear(&t[0], &t[1], Some(&t[2])).unwrap(),
-                &|t| {
-                    t[0].broadcast_matmul(&t[1].t().unwrap())
-                        .unwrap()
-                        .broadcast_add(&t[2])
-                        .unwrap()
-                },
-                1e-12,
-            );
-            check(
-                "linear without bias",
-                &inputs[..2],
-                &|t| linear(&t[0], &t[1], None).unwrap(),
-                &|t| t[0].broadcast_matmul(&t[1].t().unwrap()).unwrap(),
-                1e-12,
-            );
-            // The same weight stored (in, out): its gradient comes back in that layout too.
+            // The weight as checkpoints store it, (out, in), and transposed, (in, out), as
+            // `linear_kn` takes it: its gradient comes back in that layout too.
             let w_t = transpose_2d(&inputs[1]).unwrap();
             assert_eq!(max_diff(&w_t, &inputs[1].t().unwrap()), 0.0);
-            let kn = [inputs[0].clone(), w_t, inputs[2].clone()];
-            check(
-                "linear, weight stored (in, out)",
-                &kn,
-                &|t| linear_kn(&t[0], &t[1], Some(&t[2])).unwrap(),
-                &|t| {
-                    t[0].broadcast_matmul(&t[1])
-                        .unwrap()
-                        .broadcast_add(&t[2])
-                        .unwrap()
-                },
-                1e-12,
-            );
-            check(
-                "linear without bias, weight stored (in, out)",
-                &kn[..2],
-                &|t| linear_kn(&t[0], &t[1], None).unwrap(),
-                &|t| t[0].broadcast_matmul(&t[1]).unwrap(),
-                1e-12,
-            );
+            type LinearFn = fn(&Tensor, &Tensor, Option<&Tensor>) -> Result<Tensor>;
+            let layouts: [(&str, Tensor, LinearFn); 2] = [
+                ("(out, in)", inputs[1].clone(), linear),
+                ("(in, out)", w_t, linear_kn),
+            ];
+            for (layout, w, fused) in layouts {
+                let stored_out_in = layout == "(out, in)";
+                let matmul = |t: &[Tensor]| {
+                    let w = if stored_out_in {
+                        t[1].t().unwrap()
+                    } else {
+                        t[1].clone()
+                    };
+                    t[0].broadcast_matmul(&w).unwrap()
+                };
+                let inputs = [inputs[0].clone(), w, inputs[2].clone()];
+                check(
+                    &format!("linear, weight {layout}"),
+                    &inputs,
+                    &|t| fused(&t[0], &t[1], Some(&t[2])).unwrap(),
+                    &|t| matmul(t).broadcast_add(&t[2]).unwrap(),
+                    1e-12,
+                );
+                check(
+                    &format!("linear without bias, weight {layout}"),
+                    &inputs[..2],
+                    &|t| fused(&t[0], &t[1], None).unwrap(),
+                    &matmul,
+                    1e-12,
+                );
+            }
         }
         // Self-attention with more query rows than one block, and cross-attention; with the
         // register-blocked loops (d = 5) and with GEMMs (wider heads, last block partial).
