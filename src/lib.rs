@@ -4,6 +4,7 @@
 pub mod cli;
 pub mod device;
 pub mod io;
+pub mod mapped;
 pub mod model;
 pub mod pipeline;
 pub mod sampler;

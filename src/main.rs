@@ -2,6 +2,11 @@
 use clap::Parser;
 use std::process::ExitCode;
 
+/// The system allocator, able to own tensors that lie in memory-mapped weight files, so models
+/// load without copying their weights (see `sd_rs::mapped`).
+#[global_allocator]
+static ALLOC: sd_rs::mapped::MappedAlloc = sd_rs::mapped::MappedAlloc;
+
 fn main() -> ExitCode {
     // candle asks for its thread count before every matmul and, unless RAYON_NUM_THREADS is
     // set, derives it again from /proc/cpuinfo each time: 5-8% of a run of the small default

@@ -6,6 +6,11 @@ use sd_rs::pipeline::{GenerateRequest, Pipeline};
 use sd_rs::sampler::{ReplayNoise, SamplerKind};
 use std::path::Path;
 
+/// The binary's allocator, so these models load as `sd-rs generate` loads them: weights used in
+/// place from the mapped files (src/mapped.rs).
+#[global_allocator]
+static ALLOC: sd_rs::mapped::MappedAlloc = sd_rs::mapped::MappedAlloc;
+
 fn fixture(name: &str) -> std::path::PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("tests/fixtures/pipeline")

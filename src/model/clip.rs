@@ -168,7 +168,7 @@ fn linear(in_dim: usize, out_dim: usize, std: f64, bias: bool, vb: VarBuilder) -
     } else {
         None
     };
-    Ok(Linear::new(weight, bias).transposed_for_inference()?)
+    Ok(Linear::new(weight, bias).transposed_for_inference())
 }
 
 fn embedding(n: usize, dim: usize, std: f64, vb: VarBuilder) -> Result<Embedding> {

@@ -9,6 +9,8 @@
 //! elsewhere (CUDA, Metal, half precision) the same layers are composed from candle ops, which
 //! is the reference the kernels are tested against.
 
+use std::sync::{Arc, Mutex, OnceLock};
+
 use candle_core::{DType, Module, Result, Tensor, D};
 use candle_nn::{Conv2dConfig, VarBuilder};
 
@@ -181,24 +183,68 @@ pub fn conv2d(
 /// `nn.Linear`, applied over the last dimension of inputs of any rank.
 #[derive(Debug, Clone)]
 pub struct Linear {
-    composed: candle_nn::Linear,
-    /// The weight stored transposed, (in, out), when [`Linear::transposed_for_inference`] chose
-    /// it; `composed` then holds a view of it, so the weight exists once.
-    weight_t: Option<Tensor>,
+    weight: LinearWeight,
+    bias: Option<Tensor>,
+}
+
+#[derive(Debug, Clone)]
+enum LinearWeight {
+    /// (out, in), as checkpoints store it.
+    OutIn(Tensor),
+    /// Stored transposed, (in, out), from its first use on: see
+    /// [`Linear::transposed_for_inference`].
+    InOut(Arc<TransposeOnFirstUse>),
+}
+
+/// A weight transposed when it is first used rather than when it is loaded: loading then only
+/// maps the file (crate::mapped), and the original's pages are freed once the copy is made, so
+/// the weight is resident once.
+#[derive(Debug)]
+struct TransposeOnFirstUse {
+    original: Mutex<Option<Tensor>>,
+    transposed: OnceLock<Tensor>,
+}
+
+impl TransposeOnFirstUse {
+    fn get(&self) -> Result<&Tensor> {
+        if let Some(t) = self.transposed.get() {
+            return Ok(t);
+        }
+        let mut original = self.original.lock().unwrap();
+        // Another thread may have made it while this one waited for the lock.
+        if let Some(t) = self.transposed.get() {
+            return Ok(t);
+        }
+        let weight = original.take().expect("held until transposed");
+        match ops::transpose_2d(&weight) {
+            Ok(t) => Ok(self.transposed.get_or_init(|| t)),
+            Err(e) => {
+                *original = Some(weight);
+                Err(e)
+            }
+        }
+    }
 }
 
 impl Module for Linear {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        if ops::applies(x) {
-            match &self.weight_t {
-                Some(weight_t) => ops::linear_kn(x, weight_t, self.composed.bias()),
-                None => ops::linear(x, self.composed.weight(), self.composed.bias()),
+        let weight = match &self.weight {
+            LinearWeight::OutIn(w) => w.clone(),
+            LinearWeight::InOut(lazy) => {
+                let weight_t = lazy.get()?;
+                if ops::applies(x) {
+                    return ops::linear_kn(x, weight_t, self.bias.as_ref());
+                }
+                weight_t.t()?
             }
-        } else if self.composed.weight().dtype() == x.dtype() {
-            self.composed.forward(x)
+        };
+        if ops::applies(x) {
+            ops::linear(x, &weight, self.bias.as_ref())
+        } else if weight.dtype() == x.dtype() {
+            candle_nn::Linear::new(weight, self.bias.clone()).forward(x)
         } else {
-            let bias = self.composed.bias().map(|b| cast_like(b, x)).transpose()?;
-            candle_nn::Linear::new(cast_like(self.composed.weight(), x)?, bias).forward(x)
+            let bias = self.bias.as_ref().map(|b| cast_like(b, x)).transpose()?;
+            candle_nn::Linear::new(cast_like(&weight, x)?, bias).forward(x)
         }
     }
 }
@@ -207,8 +253,8 @@ impl Linear {
     /// From its weight (out, in) and optional bias (out).
     pub fn new(weight: Tensor, bias: Option<Tensor>) -> Self {
         Self {
-            composed: candle_nn::Linear::new(weight, bias),
-            weight_t: None,
+            weight: LinearWeight::OutIn(weight),
+            bias,
         }
     }
 
@@ -217,18 +263,19 @@ impl Linear {
     /// 768x3072 weights (scripts/gemm-vs-mkl). Trained weights (variables) and other devices are
     /// left as they are; so are layers with many input rows (the U-Net's), where packing the
     /// weight is a small part of the GEMM and the transposition would only lengthen loading.
-    pub fn transposed_for_inference(self) -> Result<Self> {
-        let weight = self.composed.weight();
-        // `applies`: on the CPU, in f32/f64, with the fused kernels on (they read weight_t).
-        if weight.is_variable() || self.weight_t.is_some() || !ops::applies(weight) {
-            return Ok(self);
+    /// The copy is made on first use, so loading stays a memory map (0.1-0.25 s for CLIP-L).
+    pub fn transposed_for_inference(self) -> Self {
+        match &self.weight {
+            // `applies`: on the CPU, in f32/f64, with the fused kernels on (they read it).
+            LinearWeight::OutIn(w) if !w.is_variable() && ops::applies(w) => Self {
+                weight: LinearWeight::InOut(Arc::new(TransposeOnFirstUse {
+                    original: Mutex::new(Some(w.clone())),
+                    transposed: OnceLock::new(),
+                })),
+                bias: self.bias,
+            },
+            _ => self,
         }
-        let weight_t = ops::transpose_2d(weight)?;
-        let bias = self.composed.bias().cloned();
-        Ok(Self {
-            composed: candle_nn::Linear::new(weight_t.t()?, bias),
-            weight_t: Some(weight_t),
-        })
     }
 }
 
@@ -239,10 +286,10 @@ pub fn linear(in_dim: usize, out_dim: usize, bias: bool, vb: VarBuilder) -> Resu
     } else {
         candle_nn::linear_no_bias(in_dim, out_dim, vb)?
     };
-    Ok(Linear {
-        composed,
-        weight_t: None,
-    })
+    Ok(Linear::new(
+        composed.weight().clone(),
+        composed.bias().cloned(),
+    ))
 }
 
 /// `nn.LayerNorm` over the last dimension, written from mean and variance so that it has a

@@ -1,8 +1,9 @@
 //! Loading and saving one component of a diffusers model directory (`unet/`, `vae/`,
 //! `text_encoder/`, ...): its `config.json` and its safetensors weights under diffusers' names.
 //!
-//! Loading reads each tensor from the files (positioned reads, no memory map: see
-//! [`WeightFile`]) and casts it to the requested compute dtype, so fp16/bf16 checkpoints run in f32 and the other way round. Saving writes
+//! Loading uses each tensor where it lies in the memory-mapped file when it can (see
+//! [`crate::mapped`]), else reads it with a positioned read, and casts it to the requested
+//! compute dtype, so fp16/bf16 checkpoints run in f32 and the other way round. Saving writes
 //! `config.json` and one safetensors file atomically (temporary file + rename), so an
 //! interrupted save never leaves a half-written model that looks complete.
 
@@ -106,16 +107,23 @@ fn shard_files(index: &Path) -> anyhow::Result<Vec<PathBuf>> {
     Ok(files)
 }
 
-/// One safetensors file, read with positioned reads: the JSON header is parsed once and each
-/// tensor's bytes are read straight into the buffer that becomes the tensor.
+/// One safetensors file: the JSON header is parsed once, and each tensor's buffer is either the
+/// tensor's own bytes in the file's private memory map (no copy, nothing read until it is
+/// used: [`crate::mapped`]) or, where that is not possible, a fresh buffer filled by a
+/// positioned read.
 ///
-/// Why not memory-map like candle's `MmapedSafetensors`: candle's CPU tensors own their memory,
-/// so a mapped file is copied out anyway, and every page touched through the map stays in the
-/// process's resident set until the map is dropped: loading a 4.3 GB model peaked at 6.9 GiB
-/// RSS. Reading into the tensor's own buffer copies once and holds nothing else.
+/// Why not candle's `MmapedSafetensors`: candle's CPU tensors own their memory, so it copies
+/// each tensor out of the map, and every page touched through the map stays in the process's
+/// resident set until the map is dropped: loading a 4.3 GB model peaked at 6.9 GiB RSS.
+/// Adopted buffers are the map's pages themselves, and freeing one discards its pages.
 struct WeightFile {
     path: PathBuf,
     file: std::fs::File,
+    /// The file's private mapping, when the global allocator can own buffers inside it.
+    map: Option<crate::mapped::MappedFile>,
+    /// Tensors whose bytes have been handed out from `map`: a second request for the same
+    /// tensor gets a copy, as two buffers must never share memory.
+    adopted: std::sync::Mutex<std::collections::HashSet<String>>,
     /// Offset of the data section (after the 8-byte length and the header).
     data_start: u64,
     file_len: u64,
@@ -147,6 +155,8 @@ impl WeightFile {
             serde_json::from_slice(&header).map_err(|e| not_safetensors().context(e))?;
         Ok(Self {
             path: path.to_path_buf(),
+            map: crate::mapped::MappedFile::map(&file, file_len),
+            adopted: Default::default(),
             file,
             data_start: 8 + header_len,
             file_len,
@@ -194,19 +204,24 @@ impl WeightFile {
                 self.path.display()
             )));
         }
+        let first_use = self.adopted.lock().unwrap().insert(name.to_string());
+        let map = self.map.as_ref().filter(|_| first_use);
         match dtype {
-            DType::F64 => self.read_as::<f64>(offset, numel, shape, device),
-            DType::F32 => self.read_as::<f32>(offset, numel, shape, device),
-            DType::F16 => self.read_as::<half::f16>(offset, numel, shape, device),
-            DType::BF16 => self.read_as::<half::bf16>(offset, numel, shape, device),
-            DType::I64 => self.read_as::<i64>(offset, numel, shape, device),
-            DType::U32 => self.read_as::<u32>(offset, numel, shape, device),
-            _ => self.read_as::<u8>(offset, numel, shape, device),
+            DType::F64 => self.read_as::<f64>(map, offset, numel, shape, device),
+            DType::F32 => self.read_as::<f32>(map, offset, numel, shape, device),
+            DType::F16 => self.read_as::<half::f16>(map, offset, numel, shape, device),
+            DType::BF16 => self.read_as::<half::bf16>(map, offset, numel, shape, device),
+            DType::I64 => self.read_as::<i64>(map, offset, numel, shape, device),
+            DType::U32 => self.read_as::<u32>(map, offset, numel, shape, device),
+            _ => self.read_as::<u8>(map, offset, numel, shape, device),
         }
     }
 
+    /// The tensor's values from `map` without a copy when they can be adopted from it (aligned
+    /// and not empty), else read from the file.
     fn read_as<T: candle_core::WithDType>(
         &self,
+        map: Option<&crate::mapped::MappedFile>,
         offset: u64,
         numel: usize,
         shape: &[usize],
@@ -215,6 +230,9 @@ impl WeightFile {
         use std::os::unix::fs::FileExt;
         // safetensors is little-endian, as every platform sd-rs builds for.
         const _: () = assert!(cfg!(target_endian = "little"));
+        if let Some(values) = map.and_then(|m| m.adopt::<T>(offset as usize, numel)) {
+            return Tensor::from_vec(values, shape, device);
+        }
         let mut values = vec![T::zero(); numel];
         // SAFETY: the bytes of initialised plain numbers; every bit pattern is a valid T.
         let bytes = unsafe {
@@ -257,9 +275,10 @@ impl SafetensorsBackend {
         })
     }
 
-    /// Reads every tensor now, on all cores. Loading is bound by the kernel copying file pages
-    /// into freshly faulted memory, which one thread does at ~2 GB/s; the model constructors
-    /// ask for tensors one at a time, so the reads are done ahead of them.
+    /// Gets every tensor now, on all cores. Tensors used where they lie in the map cost
+    /// nothing here; the rest are bound by the kernel copying file pages into freshly faulted
+    /// memory, which one thread does at ~2 GB/s, and the model constructors ask for tensors one
+    /// at a time, so the reads and casts are done ahead of them.
     /// They are cast to `dtype` as they are read, so the peak is the weights once in the
     /// compute dtype (an f16 file loaded in f32 never holds both copies whole).
     fn prefetch(&self, device: &Device, dtype: DType) {
