@@ -15,9 +15,16 @@ fn main() -> ExitCode {
         let threads = candle_core::utils::get_num_threads();
         std::env::set_var("RAYON_NUM_THREADS", threads.to_string());
     }
+    // candle runs its large element-wise ops on a pool of its own, whose idle worker spins for
+    // about a millisecond after each op: on 2 cores that spin took a core from the rayon workers
+    // running the GEMMs. One pool for everything: candle's element-wise ops run on the calling
+    // thread, itself a rayon worker (below). Text encoding 0.21 -> 0.15 s (BENCHMARKS.md).
+    if std::env::var_os("CANDLE_NUM_THREADS").is_none() {
+        std::env::set_var("CANDLE_NUM_THREADS", "1");
+    }
     keep_freed_memory();
     let cli = sd_rs::cli::Cli::parse();
-    match sd_rs::cli::run(cli) {
+    match on_worker_pool(|| sd_rs::cli::run(cli)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
             // `{:#}` prints the whole context chain on one line: what failed and why.
@@ -38,5 +45,22 @@ fn keep_freed_memory() {
     unsafe {
         libc::mallopt(libc::M_MMAP_THRESHOLD, 32 << 20);
         libc::mallopt(libc::M_TRIM_THRESHOLD, i32::MAX);
+    }
+}
+
+/// Runs `work` on a rayon worker. A parallel op called from outside the pool hands its tasks
+/// over and puts the caller to sleep until they finish: thousands of sleeps and wake-ups per
+/// text encoding or training step (a quarter of a text encoding's time on 2 cores). Called from
+/// a worker, the caller takes part in each op and only the other workers wait for work. A pool
+/// of its own rather than rayon's global one, so that a thread outside it (the training data
+/// loader) can never wait for a worker that is blocked waiting for it.
+fn on_worker_pool<R: Send>(work: impl FnOnce() -> R + Send) -> R {
+    match rayon::ThreadPoolBuilder::new()
+        .thread_name(|i| format!("sd-rs worker {i}"))
+        .build()
+    {
+        Ok(pool) => pool.install(work),
+        // No threads to be had: the same work, only with the hand-offs.
+        Err(_) => work(),
     }
 }
