@@ -21,6 +21,7 @@ use std::path::Path;
 use super::layers::LayerNorm;
 // On the CPU in f32 its forward and backward are one fused GEMM node (`ops::linear`).
 use super::layers::Linear;
+use super::ops;
 
 /// The activation between the two MLP layers (transformers' `hidden_act`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize)]
@@ -38,6 +39,7 @@ pub enum ClipActivation {
 impl ClipActivation {
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
         Ok(match self {
+            Self::QuickGelu if ops::applies(xs) => ops::quick_gelu(xs)?,
             Self::QuickGelu => (xs * candle_nn::ops::sigmoid(&(xs * 1.702)?)?)?,
             Self::Gelu => xs.gelu_erf()?,
             Self::GeluNew => xs.gelu()?,

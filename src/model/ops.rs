@@ -1284,6 +1284,75 @@ pub fn geglu(h: &Tensor) -> Result<Tensor> {
 }
 
 // ---------------------------------------------------------------------------------------------
+// Quick GELU: x * sigmoid(1.702 x), OpenAI CLIP's activation
+// ---------------------------------------------------------------------------------------------
+
+const QUICK_GELU_ALPHA: f64 = 1.702;
+
+/// Elements per task of the element-wise ops below.
+const ELEMENTS_PER_TASK: usize = 1 << 14;
+
+multiversion! {
+    /// `out = x * sigmoid(1.702 x)`.
+    fn quick_gelu_fwd<T: Real>(x: &[T], out: &mut [T]) {
+        let alpha = T::from_f64(QUICK_GELU_ALPHA);
+        for (o, &x) in out.iter_mut().zip(x) {
+            *o = x / (T::one() + (T::zero() - alpha * x).exp());
+        }
+    }
+}
+
+multiversion! {
+    /// `dx = dy (s + 1.702 x s (1 - s))` with `s = sigmoid(1.702 x)`.
+    fn quick_gelu_bwd<T: Real>(x: &[T], dy: &[T], dx: &mut [T]) {
+        let alpha = T::from_f64(QUICK_GELU_ALPHA);
+        for ((d, &x), &dy) in dx.iter_mut().zip(x).zip(dy) {
+            let s = T::one() / (T::one() + (T::zero() - alpha * x).exp());
+            *d = dy * (s + alpha * x * s * (T::one() - s));
+        }
+    }
+}
+
+struct QuickGelu;
+
+impl CustomOp1 for QuickGelu {
+    fn name(&self) -> &'static str {
+        "fused-quick-gelu"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        dispatch!(self.name(), s, T => {
+            let x = slice::<T>(s, l, self.name())?;
+            let mut out = vec![T::from_f64(0.0); x.len()];
+            out.par_chunks_mut(ELEMENTS_PER_TASK)
+                .zip(x.par_chunks(ELEMENTS_PER_TASK))
+                .for_each(|(out, x)| quick_gelu_fwd(x, out));
+            Ok(storage(out, l.shape().clone()))
+        })
+    }
+
+    fn bwd(&self, x: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        let dx = dispatch_dtype!(self.name(), x.dtype(), T => {
+            with_data::<T, _>(&[x, grad], |t| {
+                let mut dx = vec![T::from_f64(0.0); t[0].len()];
+                dx.par_chunks_mut(ELEMENTS_PER_TASK)
+                    .zip(t[0].par_chunks(ELEMENTS_PER_TASK))
+                    .zip(t[1].par_chunks(ELEMENTS_PER_TASK))
+                    .for_each(|((dx, x), dy)| quick_gelu_bwd(x, dy, dx));
+                cpu_tensor(dx, x.shape())
+            })?
+        });
+        Ok(Some(dx))
+    }
+}
+
+/// `x * sigmoid(1.702 x)` in one parallel pass (candle's three ops ran one after another on
+/// one thread, 6% of a text encoding). Requires [`applies`].
+pub fn quick_gelu(x: &Tensor) -> Result<Tensor> {
+    x.contiguous()?.apply_op1(QuickGelu)
+}
+
+// ---------------------------------------------------------------------------------------------
 // Transposes: (A, P, Q, R) -> (A, Q, P, R)
 // ---------------------------------------------------------------------------------------------
 
@@ -2289,6 +2358,13 @@ mod tests {
             1e-6,
         );
         check(
+            "quick_gelu",
+            &[(randn(&[4, 3, 10], 9) * 4.0).unwrap()],
+            &|t| quick_gelu(&t[0]).unwrap(),
+            &|t| (&t[0] * candle_nn::ops::sigmoid(&(&t[0] * 1.702).unwrap()).unwrap()).unwrap(),
+            1e-12,
+        );
+        check(
             "swap_dims",
             std::slice::from_ref(&x),
             &|t| swap_dims(&t[0], (2, 3, 5, 9), (2, 5, 27)).unwrap(),
@@ -2502,6 +2578,13 @@ mod tests {
                 1e-5,
             );
         }
+        check(
+            "quick_gelu f32",
+            &f32s(&[(randn(&[5, 3, 16], 77) * 4.0).unwrap()]),
+            &|t| quick_gelu(&t[0]).unwrap(),
+            &|t| (&t[0] * candle_nn::ops::sigmoid(&(&t[0] * 1.702).unwrap()).unwrap()).unwrap(),
+            1e-5,
+        );
         check(
             "geglu f32",
             &f32s(&[(randn(&[5, 3, 16], 76) * 3.0).unwrap()]),
