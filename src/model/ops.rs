@@ -979,6 +979,60 @@ fn attention_head_fwd_gemm<T: Real>(
     }
 }
 
+/// dv_j += sum_r p_jr do_r and dk_j += sum_r ds_jr q_r over one block of query rows, for
+/// heads `D` wide: `q` and `dout` are the block's rows, (rows, D). Each key's two sums stay in
+/// registers while the rows stream past, `J` keys at a time so that consecutive additions do
+/// not wait on one another. (Dot products over the block's rows, the general path, need a
+/// horizontal sum per key and channel: most of the backward's time with the default model's
+/// 8-wide heads.)
+#[inline(always)]
+fn accumulate_dk_dv<T: Real, const D: usize, const J: usize>(
+    pt: &[Rows<T>],
+    dst: &[Rows<T>],
+    q: &[T],
+    dout: &[T],
+    dk: &mut [T],
+    dv: &mut [T],
+) {
+    #[inline(always)]
+    fn keys<T: Real, const D: usize, const J: usize>(
+        j0: usize,
+        pt: &[Rows<T>],
+        dst: &[Rows<T>],
+        q: &[T],
+        dout: &[T],
+        dk: &mut [T],
+        dv: &mut [T],
+    ) {
+        let mut sum_v = [[T::zero(); D]; J];
+        let mut sum_k = [[T::zero(); D]; J];
+        for (r, (q_r, do_r)) in q.chunks_exact(D).zip(dout.chunks_exact(D)).enumerate() {
+            for jj in 0..J {
+                let (p, ds) = (pt[j0 + jj][r], dst[j0 + jj][r]);
+                for c in 0..D {
+                    sum_v[jj][c] += p * do_r[c];
+                    sum_k[jj][c] += ds * q_r[c];
+                }
+            }
+        }
+        for jj in 0..J {
+            let at = (j0 + jj) * D;
+            for c in 0..D {
+                dv[at + c] += sum_v[jj][c];
+                dk[at + c] += sum_k[jj][c];
+            }
+        }
+    }
+    let nk = pt.len();
+    let whole = nk - nk % J;
+    for j0 in (0..whole).step_by(J) {
+        keys::<T, { D }, J>(j0, pt, dst, q, dout, dk, dv);
+    }
+    for j in whole..nk {
+        keys::<T, { D }, 1>(j, pt, dst, q, dout, dk, dv);
+    }
+}
+
 multiversion! {
     /// The backward of [`attention_head_fwd`]: dq (nq, d), dk and dv (nk, d), zero on entry.
     fn attention_head_bwd<T: Real>(
@@ -1027,10 +1081,20 @@ multiversion! {
                 }
             }
             // dv_j += sum_r p_jr do_r; dk_j += sum_r ds_jr q_r
-            for (j, (p, ds)) in pt.iter().zip(&dst).enumerate() {
-                for c in 0..d {
-                    dv[j * d + c] += dot_rows(p, &dot[c]);
-                    dk[j * d + c] += dot_rows(ds, &qt[c]);
+            let (qb, dob) = (&q[r0 * d..][..rows * d], &dout[r0 * d..][..rows * d]);
+            match d {
+                8 => accumulate_dk_dv::<T, 8, 4>(&pt, &dst, qb, dob, dk, dv),
+                16 => accumulate_dk_dv::<T, 16, 2>(&pt, &dst, qb, dob, dk, dv),
+                32 => accumulate_dk_dv::<T, 32, 1>(&pt, &dst, qb, dob, dk, dv),
+                40 => accumulate_dk_dv::<T, 40, 1>(&pt, &dst, qb, dob, dk, dv),
+                64 => accumulate_dk_dv::<T, 64, 1>(&pt, &dst, qb, dob, dk, dv),
+                _ => {
+                    for (j, (p, ds)) in pt.iter().zip(&dst).enumerate() {
+                        for c in 0..d {
+                            dv[j * d + c] += dot_rows(p, &dot[c]);
+                            dk[j * d + c] += dot_rows(ds, &qt[c]);
+                        }
+                    }
                 }
             }
             // dq_r = sum_j ds_jr k_j
@@ -2448,9 +2512,18 @@ mod tests {
             }
         }
         // Self-attention with more query rows than one block, and cross-attention; with the
-        // register-blocked loops (d = 5) and with GEMMs (wider heads, last block partial).
+        // register-blocked loops (d = 5, 8) and with GEMMs (wider heads, last block partial).
         assert!(!attention_uses_gemm(70, 70, 5) && attention_uses_gemm(70, 70, 16));
-        for (nq, nk, d) in [(70, 70, 5), (9, 4, 5), (70, 70, 16), (130, 80, 20)] {
+        // The backward's accumulation of dk and dv has its own code for some widths (8, with
+        // keys four at a time: 70 leaves two; 16; 40) and a general one (5, 20).
+        for (nq, nk, d) in [
+            (70, 70, 5),
+            (9, 4, 5),
+            (70, 70, 8),
+            (70, 70, 16),
+            (130, 80, 20),
+            (70, 9, 40),
+        ] {
             let inputs = [
                 (randn(&[2, 3, nq, d], 60) * 2.0).unwrap(),
                 (randn(&[2, 3, nk, d], 61) * 2.0).unwrap(),
