@@ -1959,12 +1959,17 @@ impl ConvGeom {
                             };
                             let src = &cols[k * n + (b * oh + oy) * ow..][..ow];
                             let dst = &mut dst[iy * self.w..][..self.w];
-                            for (d, &v) in dst[ix0..]
-                                .iter_mut()
-                                .step_by(self.stride)
-                                .zip(&src[range.clone()])
-                            {
-                                *d += v;
+                            let src = &src[range.clone()];
+                            if self.stride == 1 {
+                                // Unit stride as a plain zip, which vectorises (`step_by` with
+                                // a run-time step did not: 5% of a training step).
+                                for (d, &v) in dst[ix0..].iter_mut().zip(src) {
+                                    *d += v;
+                                }
+                            } else {
+                                for (d, &v) in dst[ix0..].iter_mut().step_by(self.stride).zip(src) {
+                                    *d += v;
+                                }
                             }
                         }
                     }
