@@ -10,6 +10,9 @@ use candle_core::{DType, Device, Tensor};
 use sd_rs::mapped::{mapped_files, MappedAlloc, MappedFile};
 use sd_rs::model::weights::var_builder_from_files;
 
+mod common;
+use common::max_abs_diff;
+
 #[global_allocator]
 static ALLOC: MappedAlloc = MappedAlloc;
 
@@ -38,17 +41,11 @@ fn check_loads_like_a_read(file: &str, dtype: DType) {
     for (name, want) in &expected {
         let got = vb.get(want.dims(), name).unwrap();
         assert_eq!(got.dtype(), dtype);
-        let diff = (&got.to_dtype(DType::F64).unwrap() - want.to_dtype(DType::F64).unwrap())
-            .unwrap()
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_scalar::<f64>()
-            .unwrap();
-        assert_eq!(diff, 0.0, "{name} differs from the file");
+        assert_eq!(
+            max_abs_diff(&got, want),
+            0.0,
+            "{name} differs from the file"
+        );
         loaded.push(got);
     }
     // The same tensor asked for again is a copy: freeing the first (which discards its pages)

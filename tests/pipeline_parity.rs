@@ -1,10 +1,13 @@
 //! End to end against diffusers: the same tiny model directories, prompts and initial latents
 //! give the same final latents and decoded images as diffusers' own pipelines
 //! (fixtures: scripts/make_pipeline_fixtures.py).
-use candle_core::{safetensors, DType, Device, Tensor};
+use candle_core::{safetensors, DType, Device};
 use sd_rs::pipeline::{GenerateRequest, Pipeline};
 use sd_rs::sampler::{ReplayNoise, SamplerKind};
 use std::path::Path;
+
+mod common;
+use common::max_abs_diff;
 
 /// The binary's allocator, so these models load as `sd-rs generate` loads them: weights used in
 /// place from the mapped files (src/mapped.rs).
@@ -15,19 +18,6 @@ fn fixture(name: &str) -> std::path::PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("tests/fixtures/pipeline")
         .join(name)
-}
-
-fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
-    (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap()
 }
 
 fn check_family(name: &str) {
@@ -55,15 +45,7 @@ fn check_family(name: &str) {
         let mut noise = ReplayNoise::new([expected["initial_latents"].clone()]);
         let (latents, _) = pipeline.denoise(&req, &mut noise, &mut |_, _| {}).unwrap();
         let want = &expected[&format!("{sampler}_latents")];
-        let scale = want
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
+        let scale = max_abs_diff(want, &want.zeros_like().unwrap());
         let diff = max_abs_diff(&latents, want);
         println!(
             "{name} {sampler}: final latents max abs diff {diff:.2e} (max |latent| {scale:.2})"

@@ -13,24 +13,11 @@ use candle_nn::{VarBuilder, VarMap};
 use sd_rs::model::vae::{AutoencoderKL, AutoencoderKLConfig, Tiling};
 use sd_rs::model::weights::{load_component, read_config, save_component, save_safetensors_atomic};
 
+mod common;
+use common::max_abs_diff;
+
 fn fixture() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/vae")
-}
-
-fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
-    assert_eq!(a.dims(), b.dims(), "shapes differ");
-    let a = a.to_dtype(DType::F64).unwrap();
-    let b = b.to_dtype(DType::F64).unwrap();
-    (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar::<f64>()
-        .unwrap()
 }
 
 fn load(dtype: DType) -> (AutoencoderKL, HashMap<String, Tensor>) {

@@ -1036,16 +1036,8 @@ fn accumulate_dk_dv<T: Real, const D: usize, const J: usize>(
     dk: &mut [T],
     dv: &mut [T],
 ) {
-    #[inline(always)]
-    fn keys<T: Real, const D: usize, const J: usize>(
-        j0: usize,
-        pt: &[Rows<T>],
-        dst: &[Rows<T>],
-        q: &[T],
-        dout: &[T],
-        dk: &mut [T],
-        dv: &mut [T],
-    ) {
+    let whole = pt.len() - pt.len() % J;
+    for j0 in (0..whole).step_by(J) {
         let mut sum_v = [[T::zero(); D]; J];
         let mut sum_k = [[T::zero(); D]; J];
         for (r, (q_r, do_r)) in q.chunks_exact(D).zip(dout.chunks_exact(D)).enumerate() {
@@ -1065,13 +1057,10 @@ fn accumulate_dk_dv<T: Real, const D: usize, const J: usize>(
             }
         }
     }
-    let nk = pt.len();
-    let whole = nk - nk % J;
-    for j0 in (0..whole).step_by(J) {
-        keys::<T, { D }, J>(j0, pt, dst, q, dout, dk, dv);
-    }
-    for j in whole..nk {
-        keys::<T, { D }, 1>(j, pt, dst, q, dout, dk, dv);
+    // The last keys, fewer than J: one at a time.
+    if whole < pt.len() {
+        let (dk, dv) = (&mut dk[whole * D..], &mut dv[whole * D..]);
+        accumulate_dk_dv::<T, { D }, 1>(&pt[whole..], &dst[whole..], q, dout, dk, dv);
     }
 }
 

@@ -1,5 +1,6 @@
-//! Helpers for the tests that run the real `sd-rs` binary (cli_generate, cli_train,
-//! default_model). Each integration test is its own crate and includes this with `mod common;`.
+//! Helpers shared by the integration tests: running the real `sd-rs` binary (cli_generate,
+//! cli_train, default_model) and comparing tensors (the parity tests). Each integration test is
+//! its own crate and includes this with `mod common;`.
 #![allow(dead_code)] // not every test crate uses every helper
 
 use std::path::{Path, PathBuf};
@@ -98,4 +99,22 @@ pub fn sd_rs<S: AsRef<str>>(home: &Path, args: &[S]) -> Run {
         stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
         stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
     }
+}
+
+/// The largest absolute difference between two tensors of the same shape, computed in f64.
+pub fn max_abs_diff(a: &candle_core::Tensor, b: &candle_core::Tensor) -> f64 {
+    use candle_core::DType;
+    assert_eq!(a.dims(), b.dims(), "shapes differ");
+    let a = a.to_dtype(DType::F64).unwrap();
+    let b = b.to_dtype(DType::F64).unwrap();
+    (a - b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar::<f64>()
+        .unwrap()
 }
