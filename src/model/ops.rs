@@ -1970,7 +1970,8 @@ impl ConvGeom {
 
 /// A 2D convolution node: forward, im2col and a GEMM per band of output rows (see
 /// [`ConvOp::fwd`]); the backward recomputes the whole im2col matrix, with the bias as an
-/// extra row of ones (cheaper than keeping it), and runs two GEMMs and a col2im.
+/// extra row of ones (cheaper than keeping it), for the weight's gradient (one GEMM), and gets
+/// the input's gradient as a transposed convolution (stride 1) or a GEMM and a col2im.
 struct ConvOp(ConvGeom);
 
 fn gcd(a: usize, b: usize) -> usize {
@@ -2020,6 +2021,13 @@ impl ConvOp {
     /// last up block: 512·512·256·9 floats), and a fresh buffer of it costs a page fault per
     /// 4 KiB on every call, which profiles showed as a fifth of a VAE decode.
     fn fwd<T: WithDType>(&self, x: &[T], w: &[T], b: Option<&[T]>) -> Result<(CpuStorage, Shape)> {
+        let (oh, ow) = self.0.out_hw();
+        let c_out = w.len() / (self.0.c * self.0.kh * self.0.kw);
+        Ok(storage(self.fwd_vec(x, w, b), (self.0.b, c_out, oh, ow)))
+    }
+
+    /// [`Self::fwd`]'s output values, (B, C_out, OH, OW).
+    fn fwd_vec<T: WithDType>(&self, x: &[T], w: &[T], b: Option<&[T]>) -> Vec<T> {
         let g = self.0;
         let (oh, ow) = g.out_hw();
         let k = g.c * g.kh * g.kw;
@@ -2089,7 +2097,41 @@ impl ConvOp {
                 bands.iter().for_each(|b| band(&mut cols, b));
             }
         }
-        Ok(storage(out, (g.b, c_out, oh, ow)))
+        out
+    }
+
+    /// The input gradient of a stride-1 convolution, as the forward pass of another one: the
+    /// output gradient `dy` (B, C_out, OH, OW) correlated with the kernel flipped in both axes
+    /// and with its two channel axes swapped, padded by kernel size - 1 - the padding. Unlike
+    /// the GEMM into a whole (C·kh·kw, B·OH·OW) matrix and its col2im, this runs in the
+    /// forward's cache-sized bands and writes dx once.
+    fn input_grad_stride1<T: WithDType>(&self, dy: &[T], w: &[T], c_out: usize) -> Vec<T> {
+        let g = self.0;
+        let (kh, kw) = (g.kh, g.kw);
+        let mut flipped = Vec::with_capacity(w.len());
+        for ci in 0..g.c {
+            for co in 0..c_out {
+                for ky in 0..kh {
+                    for kx in 0..kw {
+                        flipped.push(w[((co * g.c + ci) * kh + kh - 1 - ky) * kw + kw - 1 - kx]);
+                    }
+                }
+            }
+        }
+        let (oh, ow) = g.out_hw();
+        let [top, bottom, left, right] = g.pad;
+        let transposed = ConvOp(ConvGeom {
+            b: g.b,
+            c: c_out,
+            h: oh,
+            w: ow,
+            kh,
+            kw,
+            stride: 1,
+            pad: [kh - 1 - top, kh - 1 - bottom, kw - 1 - left, kw - 1 - right],
+            ones: false,
+        });
+        transposed.fwd_vec(dy, &flipped, None)
     }
 
     /// (dx, dw, db)
@@ -2106,22 +2148,27 @@ impl ConvOp {
         let k = g.c * kh * kw;
         let n = g.b * oh * ow;
         dispatch_dtype!("conv2d-bwd", x.dtype(), T => {
-            let mut ts = vec![grad, x, w];
-            ts.extend(b);
-            let (grad_t, cols, wm) = with_data::<T, _>(&ts, |d| {
+            let (grad_t, cols) = with_data::<T, _>(&[grad, x], |d| {
                 let swap = Swap { a: 1, p: g.b, q: c_out, r: oh * ow };
                 let grad_t = cpu_tensor(swap.run(d[0]), (c_out, n))?;
                 let cols = cpu_tensor(g.im2col(d[1]), (g.row_len(), n))?;
-                let wm = cpu_tensor(
-                    Self::weight_matrix(d[2], d.get(3).copied(), c_out),
-                    (c_out, g.row_len()),
-                )?;
-                Ok((grad_t, cols, wm))
+                Ok((grad_t, cols))
             })?;
             let dwm = grad_t.matmul(&cols.t()?)?;
             drop(cols);
-            let dcols = wm.t()?.matmul(&grad_t)?;
-            let dx = with_data::<T, _>(&[&dcols], |d| Ok(g.col2im(d[0])))?;
+            let pads_fit = g.pad[..2].iter().all(|&p| p < kh) && g.pad[2..].iter().all(|&p| p < kw);
+            let dx = if g.stride == 1 && pads_fit {
+                with_data::<T, _>(&[grad, w], |d| Ok(self.input_grad_stride1(d[0], d[1], c_out)))?
+            } else {
+                let mut ts = vec![w];
+                ts.extend(b);
+                let wm = with_data::<T, _>(&ts, |d| {
+                    let wm = Self::weight_matrix(d[0], d.get(1).copied(), c_out);
+                    cpu_tensor(wm, (c_out, g.row_len()))
+                })?;
+                let dcols = wm.t()?.matmul(&grad_t)?;
+                with_data::<T, _>(&[&dcols], |d| Ok(g.col2im(d[0])))?
+            };
             let dx = cpu_tensor(dx, (g.b, g.c, g.h, g.w))?;
             let dw = dwm.narrow(1, 0, k)?.contiguous()?.reshape(w.shape())?;
             let db = match b {
@@ -2821,6 +2868,22 @@ mod tests {
                     .pad_with_zeros(3, 0, 1)
                     .unwrap();
                 x.conv2d(&t[1], 0, 2, 1, 1).unwrap()
+            },
+            1e-12,
+        );
+        // Stride 1 with uneven padding: the input gradient as a transposed convolution.
+        let inputs = [randn(&[2, 3, 6, 7], 42), randn(&[4, 3, 3, 3], 43)];
+        check(
+            "conv2d stride 1, pad top/right",
+            &inputs,
+            &|t| conv2d(&t[0], &t[1], None, 1, [1, 0, 0, 2]).unwrap(),
+            &|t| {
+                let x = t[0]
+                    .pad_with_zeros(2, 1, 0)
+                    .unwrap()
+                    .pad_with_zeros(3, 0, 2)
+                    .unwrap();
+                x.conv2d(&t[1], 0, 1, 1, 1).unwrap()
             },
             1e-12,
         );
