@@ -1818,8 +1818,6 @@ struct ConvGeom {
     stride: usize,
     /// top, bottom, left, right
     pad: [usize; 4],
-    /// Append a row of ones to the im2col matrix, so that the bias rides along in the GEMM.
-    ones: bool,
 }
 
 impl ConvGeom {
@@ -1827,10 +1825,6 @@ impl ConvGeom {
         let oh = (self.h + self.pad[0] + self.pad[1] - self.kh) / self.stride + 1;
         let ow = (self.w + self.pad[2] + self.pad[3] - self.kw) / self.stride + 1;
         (oh, ow)
-    }
-
-    fn row_len(&self) -> usize {
-        self.c * self.kh * self.kw + usize::from(self.ones)
     }
 
     /// The output columns `ox` whose input column `ox * stride + kx - pad_left` is inside.
@@ -1850,35 +1844,8 @@ impl ConvGeom {
         (iy >= 0 && (iy as usize) < self.h).then_some(iy as usize)
     }
 
-    /// (B, C, H, W) -> (C * kh * kw [+ 1], B * oh * ow): row (c, ky, kx) holds, for every
-    /// output position (b, oy, ox), the input value under that kernel tap (zero in the
-    /// padding). Rows are contiguous runs copied from input rows, and the GEMMs read the
-    /// matrix in either orientation.
-    fn im2col<T: WithDType>(&self, x: &[T]) -> Vec<T> {
-        let (oh, ow) = self.out_hw();
-        let n = self.b * oh * ow;
-        let plane = self.h * self.w;
-        let mut out = zeros(self.row_len() * n);
-        out.par_chunks_mut(n).enumerate().for_each(|(k, dst)| {
-            if k == self.c * self.kh * self.kw {
-                dst.fill(T::one());
-                return;
-            }
-            let (c, ky, kx) = (k / (self.kh * self.kw), k / self.kw % self.kh, k % self.kw);
-            for b in 0..self.b {
-                let src_plane = &x[(b * self.c + c) * plane..][..plane];
-                for oy in 0..oh {
-                    let dst = &mut dst[(b * oh + oy) * ow..][..ow];
-                    self.tap_row(src_plane, ky, kx, oy, dst, false);
-                }
-            }
-        });
-        out
-    }
-
     /// Fills `dst` (one output row, `ow` values) with the input values under kernel tap
-    /// (`ky`, `kx`) of input plane `src_plane` for output row `oy`. Positions in the padding are
-    /// zeroed when `zero_padding` (a reused buffer) and left alone otherwise (a fresh one).
+    /// (`ky`, `kx`) of input plane `src_plane` for output row `oy`, zero in the padding.
     fn tap_row<T: WithDType>(
         &self,
         src_plane: &[T],
@@ -1886,19 +1853,14 @@ impl ConvGeom {
         kx: usize,
         oy: usize,
         dst: &mut [T],
-        zero_padding: bool,
     ) {
         let Some(iy) = self.in_y(oy, ky) else {
-            if zero_padding {
-                dst.fill(T::zero());
-            }
+            dst.fill(T::zero());
             return;
         };
         let range = self.valid_ox(kx, dst.len());
-        if zero_padding {
-            dst[..range.start].fill(T::zero());
-            dst[range.end..].fill(T::zero());
-        }
+        dst[..range.start].fill(T::zero());
+        dst[range.end..].fill(T::zero());
         let src = &src_plane[iy * self.w..][..self.w];
         let ix0 = range.start * self.stride + kx - self.pad[2];
         if self.stride == 1 {
@@ -1913,7 +1875,7 @@ impl ConvGeom {
         }
     }
 
-    /// The im2col block of output rows `oy0..oy1` of image `b`, without the row of ones:
+    /// The im2col block of output rows `oy0..oy1` of image `b`:
     /// (C·kh·kw, (oy1 - oy0)·ow), written over `out` (a reused buffer of that size).
     fn im2col_rows<T: WithDType>(&self, x: &[T], b: usize, oy0: usize, oy1: usize, out: &mut [T]) {
         let (_, ow) = self.out_hw();
@@ -1923,7 +1885,7 @@ impl ConvGeom {
             let (c, ky, kx) = (k / (self.kh * self.kw), k / self.kw % self.kh, k % self.kw);
             let src_plane = &x[(b * self.c + c) * plane..][..plane];
             for (oy, dst) in (oy0..oy1).zip(dst.chunks_exact_mut(ow)) {
-                self.tap_row(src_plane, ky, kx, oy, dst, true);
+                self.tap_row(src_plane, ky, kx, oy, dst);
             }
         }
     }
@@ -1969,9 +1931,9 @@ impl ConvGeom {
 }
 
 /// A 2D convolution node: forward, im2col and a GEMM per band of output rows (see
-/// [`ConvOp::fwd`]); the backward recomputes the whole im2col matrix, with the bias as an
-/// extra row of ones (cheaper than keeping it), for the weight's gradient (one GEMM), and gets
-/// the input's gradient as a transposed convolution (stride 1) or a GEMM and a col2im.
+/// [`ConvOp::fwd`]); the backward recomputes each image's im2col block for the weight's
+/// gradient (see [`ConvOp::weight_grad`]) and gets the input's gradient as a transposed
+/// convolution (stride 1) or a GEMM and a col2im.
 struct ConvOp(ConvGeom);
 
 fn gcd(a: usize, b: usize) -> usize {
@@ -2001,20 +1963,6 @@ unsafe impl<T> Send for SendPtr<T> {}
 unsafe impl<T> Sync for SendPtr<T> {}
 
 impl ConvOp {
-    /// The (C_out, C·kh·kw [+1]) matrix of the weight and bias.
-    fn weight_matrix<T: WithDType>(w: &[T], b: Option<&[T]>, c_out: usize) -> Vec<T> {
-        let k = w.len() / c_out;
-        let kp = k + usize::from(b.is_some());
-        let mut out = Vec::with_capacity(c_out * kp);
-        for o in 0..c_out {
-            out.extend_from_slice(&w[o * k..][..k]);
-            if let Some(b) = b {
-                out.push(b[o]);
-            }
-        }
-        out
-    }
-
     /// The forward pass in bands of output rows: each band's im2col block goes into a buffer
     /// its worker reuses, and one GEMM writes the band's pixels of every output channel in
     /// place. A single im2col matrix of the whole input would be gigabytes at 512x512 (the VAE's
@@ -2129,7 +2077,6 @@ impl ConvOp {
             kw,
             stride: 1,
             pad: [kh - 1 - top, kh - 1 - bottom, kw - 1 - left, kw - 1 - right],
-            ones: false,
         });
         transposed.fwd_vec(dy, &flipped, None)
     }
@@ -2148,35 +2095,107 @@ impl ConvOp {
         let k = g.c * kh * kw;
         let n = g.b * oh * ow;
         dispatch_dtype!("conv2d-bwd", x.dtype(), T => {
-            let (grad_t, cols) = with_data::<T, _>(&[grad, x], |d| {
-                let swap = Swap { a: 1, p: g.b, q: c_out, r: oh * ow };
-                let grad_t = cpu_tensor(swap.run(d[0]), (c_out, n))?;
-                let cols = cpu_tensor(g.im2col(d[1]), (g.row_len(), n))?;
-                Ok((grad_t, cols))
+            let (dw, db) = with_data::<T, _>(&[grad, x], |d| {
+                Ok(self.weight_grad(d[1], d[0], c_out, b.is_some()))
             })?;
-            let dwm = grad_t.matmul(&cols.t()?)?;
-            drop(cols);
             let pads_fit = g.pad[..2].iter().all(|&p| p < kh) && g.pad[2..].iter().all(|&p| p < kw);
             let dx = if g.stride == 1 && pads_fit {
                 with_data::<T, _>(&[grad, w], |d| Ok(self.input_grad_stride1(d[0], d[1], c_out)))?
             } else {
-                let mut ts = vec![w];
-                ts.extend(b);
-                let wm = with_data::<T, _>(&ts, |d| {
-                    let wm = Self::weight_matrix(d[0], d.get(1).copied(), c_out);
-                    cpu_tensor(wm, (c_out, g.row_len()))
+                let grad_t = with_data::<T, _>(&[grad], |d| {
+                    let swap = Swap { a: 1, p: g.b, q: c_out, r: oh * ow };
+                    cpu_tensor(swap.run(d[0]), (c_out, n))
                 })?;
-                let dcols = wm.t()?.matmul(&grad_t)?;
+                let dcols = w.reshape((c_out, k))?.t()?.matmul(&grad_t)?;
                 with_data::<T, _>(&[&dcols], |d| Ok(g.col2im(d[0])))?
             };
             let dx = cpu_tensor(dx, (g.b, g.c, g.h, g.w))?;
-            let dw = dwm.narrow(1, 0, k)?.contiguous()?.reshape(w.shape())?;
-            let db = match b {
-                Some(_) => Some(dwm.narrow(1, k, 1)?.contiguous()?.reshape(c_out)?),
+            let dw = cpu_tensor(dw, w.shape())?;
+            let db = match db {
+                Some(db) => Some(cpu_tensor(db, c_out)?),
                 None => None,
             };
             Ok((dx, dw, db))
         })
+    }
+
+    /// The weight's gradient, sum over images of dy (C_out, OH·OW) times the image's im2col
+    /// block transposed, and with `bias` the bias's, sum of dy over images and pixels. Each
+    /// worker takes a share of the images, makes their im2col blocks one at a time in a buffer
+    /// of its own and keeps its own partial sums, added at the end: no im2col matrix of the
+    /// whole batch, and dy is used as laid out (a GEMM on the batch needed it transposed to
+    /// (C_out, B·OH·OW) first).
+    fn weight_grad<T: Real>(
+        &self,
+        x: &[T],
+        dy: &[T],
+        c_out: usize,
+        bias: bool,
+    ) -> (Vec<T>, Option<Vec<T>>) {
+        let g = self.0;
+        let (oh, ow) = g.out_hw();
+        let (plane, k) = (oh * ow, g.c * g.kh * g.kw);
+        let threads = rayon::current_num_threads();
+        // Fewer images than workers: the GEMMs themselves run in parallel instead.
+        let parallelism = if g.b < threads {
+            gemm::Parallelism::Rayon(threads)
+        } else {
+            gemm::Parallelism::None
+        };
+        let partial = |images: &[usize]| {
+            let mut dw = vec![T::zero(); c_out * k];
+            let mut db = vec![T::zero(); if bias { c_out } else { 0 }];
+            let mut cols = vec![T::zero(); k * plane];
+            for &image in images {
+                g.im2col_rows(x, image, 0, oh, &mut cols);
+                let dy = &dy[image * c_out * plane..][..c_out * plane];
+                // SAFETY: dw is (c_out, k), dy (c_out, plane) and cols (k, plane), all
+                // row-major; cols is read as its transpose (plane, k) with strides (1, plane).
+                unsafe {
+                    gemm::gemm(
+                        c_out,
+                        k,
+                        plane,
+                        dw.as_mut_ptr(),
+                        1,
+                        k as isize,
+                        true,
+                        dy.as_ptr(),
+                        1,
+                        plane as isize,
+                        cols.as_ptr(),
+                        plane as isize,
+                        1,
+                        T::one(),
+                        T::one(),
+                        false,
+                        false,
+                        false,
+                        parallelism,
+                    )
+                }
+                for (sum, row) in db.iter_mut().zip(dy.chunks(plane)) {
+                    *sum += row.iter().fold(T::zero(), |a, &v| a + v);
+                }
+            }
+            (dw, db)
+        };
+        let images: Vec<usize> = (0..g.b).collect();
+        let add = |mut a: Vec<T>, b: Vec<T>| {
+            a.iter_mut().zip(b).for_each(|(a, b)| *a += b);
+            a
+        };
+        let (dw, db) = images
+            .par_chunks(g.b.div_ceil(threads).max(1))
+            .map(partial)
+            .reduce_with(|(dw1, db1), (dw2, db2)| (add(dw1, dw2), add(db1, db2)))
+            .unwrap_or_else(|| {
+                (
+                    vec![T::zero(); c_out * k],
+                    vec![T::zero(); if bias { c_out } else { 0 }],
+                )
+            });
+        (dw, bias.then_some(db))
     }
 
     fn check(&self, xl: &Layout, wl: &Layout) -> Result<()> {
@@ -2284,7 +2303,6 @@ pub fn conv2d(
         kw,
         stride,
         pad,
-        ones: bias.is_some(),
     });
     let x = x.contiguous()?;
     let weight = weight.contiguous()?;
