@@ -308,10 +308,13 @@ fn with_data<T: WithDType, R>(ts: &[&Tensor], f: impl FnOnce(&[&[T]]) -> Result<
     f(&slices)
 }
 
+/// Elements per task of the element-wise work spread over the rayon workers.
+const ELEMENTS_PER_TASK: usize = 1 << 14;
+
 /// `len` zeros, written on the rayon workers: `vec![0; len]` clears reused heap memory on the
 /// calling thread alone while the other cores wait (memset was 4-7% of a U-Net or training step).
 fn zeros<T: WithDType>(len: usize) -> Vec<T> {
-    filled_planes(len, 1 << 14, |_| T::zero())
+    filled_planes(len, ELEMENTS_PER_TASK, |_| T::zero())
 }
 
 /// `len` values in planes of `plane`, every value of plane i being `value(i)` (a convolution's
@@ -324,7 +327,7 @@ fn filled_planes<T: WithDType>(
     let mut v = Vec::with_capacity(len);
     v.spare_capacity_mut()[..len]
         .par_chunks_mut(plane.max(1))
-        .with_min_len((1 << 14) / plane.max(1))
+        .with_min_len(ELEMENTS_PER_TASK / plane.max(1))
         .enumerate()
         .for_each(|(i, p)| p.fill(std::mem::MaybeUninit::new(value(i))));
     // SAFETY: the chunks above cover all `len` values, each written once.
@@ -339,7 +342,7 @@ fn repeated_rows<T: WithDType>(row: &[T], rows: usize) -> Vec<T> {
     let mut v = Vec::with_capacity(n * rows);
     v.spare_capacity_mut()[..n * rows]
         .par_chunks_mut(n.max(1))
-        .with_min_len((1 << 14) / n.max(1))
+        .with_min_len(ELEMENTS_PER_TASK / n.max(1))
         .for_each(|out| {
             for (o, &x) in out.iter_mut().zip(row) {
                 o.write(x);
@@ -1383,9 +1386,6 @@ pub fn geglu(h: &Tensor) -> Result<Tensor> {
 // ---------------------------------------------------------------------------------------------
 
 const QUICK_GELU_ALPHA: f64 = 1.702;
-
-/// Elements per task of the element-wise ops below.
-const ELEMENTS_PER_TASK: usize = 1 << 14;
 
 multiversion! {
     /// `out = x * sigmoid(1.702 x)`.
@@ -2873,37 +2873,34 @@ mod tests {
                 );
             }
         }
-        // Asymmetric padding (the VAE's downsampler) against explicit zero padding.
-        let inputs = [randn(&[2, 3, 8, 8], 40), randn(&[4, 3, 3, 3], 41)];
-        check(
-            "conv2d pad bottom/right",
-            &inputs,
-            &|t| conv2d(&t[0], &t[1], None, 2, [0, 1, 0, 1]).unwrap(),
-            &|t| {
-                let x = t[0]
-                    .pad_with_zeros(2, 0, 1)
-                    .unwrap()
-                    .pad_with_zeros(3, 0, 1)
-                    .unwrap();
-                x.conv2d(&t[1], 0, 2, 1, 1).unwrap()
-            },
-            1e-12,
-        );
-        // Stride 1 with uneven padding: the input gradient as a transposed convolution.
-        let inputs = [randn(&[2, 3, 6, 7], 42), randn(&[4, 3, 3, 3], 43)];
-        check(
-            "conv2d stride 1, pad top/right",
-            &inputs,
-            &|t| conv2d(&t[0], &t[1], None, 1, [1, 0, 0, 2]).unwrap(),
-            &|t| {
-                let x = t[0]
-                    .pad_with_zeros(2, 1, 0)
-                    .unwrap()
-                    .pad_with_zeros(3, 0, 2)
-                    .unwrap();
-                x.conv2d(&t[1], 0, 1, 1, 1).unwrap()
-            },
-            1e-12,
-        );
+        // Uneven padding against explicit zero padding: the VAE's downsampler (stride 2), and
+        // stride 1, whose input gradient is a transposed convolution.
+        let cases = [
+            ([2, 3, 8, 8], 2, [0, 1, 0, 1]),
+            ([2, 3, 6, 7], 1, [1, 0, 0, 2]),
+        ];
+        for (i, (shape, stride, [top, bottom, left, right])) in cases.into_iter().enumerate() {
+            let inputs = [
+                randn(&shape, 40 + i as u64),
+                randn(&[4, 3, 3, 3], 50 + i as u64),
+            ];
+            check(
+                &format!(
+                    "conv2d stride {stride}, padding {:?}",
+                    [top, bottom, left, right]
+                ),
+                &inputs,
+                &|t| conv2d(&t[0], &t[1], None, stride, [top, bottom, left, right]).unwrap(),
+                &|t| {
+                    let x = t[0]
+                        .pad_with_zeros(2, top, bottom)
+                        .unwrap()
+                        .pad_with_zeros(3, left, right)
+                        .unwrap();
+                    x.conv2d(&t[1], 0, stride, 1, 1).unwrap()
+                },
+                1e-12,
+            );
+        }
     }
 }
