@@ -1094,7 +1094,6 @@ multiversion! {
         let (mut pt, mut dst) = (vec![[T::zero(); ROWS]; nk], vec![[T::zero(); ROWS]; nk]);
         for r0 in (0..nq).step_by(ROWS) {
             let rows = (nq - r0).min(ROWS);
-            block_transposed(q, r0, d, T::one(), &mut qt);
             block_transposed(q, r0, d, scale, &mut qt_scaled);
             block_transposed(dout, r0, d, T::one(), &mut dot);
             block_probs(&qt_scaled, k, d, &mut pt, causal.then_some(r0));
@@ -1125,6 +1124,8 @@ multiversion! {
                 40 => accumulate_dk_dv::<T, 40, 1>(&pt, &dst, qb, dob, dk, dv),
                 64 => accumulate_dk_dv::<T, 64, 1>(&pt, &dst, qb, dob, dk, dv),
                 _ => {
+                    // The unscaled queries transposed, needed by this path only.
+                    block_transposed(q, r0, d, T::one(), &mut qt);
                     for (j, (p, ds)) in pt.iter().zip(&dst).enumerate() {
                         for c in 0..d {
                             dv[j * d + c] += dot_rows(p, &dot[c]);
@@ -2189,14 +2190,9 @@ impl ConvOp {
         };
         let (dw, db) = images
             .par_chunks(g.b.div_ceil(threads).max(1))
-            .map(partial)
+            .map(&partial)
             .reduce_with(|(dw1, db1), (dw2, db2)| (add(dw1, dw2), add(db1, db2)))
-            .unwrap_or_else(|| {
-                (
-                    vec![T::zero(); c_out * k],
-                    vec![T::zero(); if bias { c_out } else { 0 }],
-                )
-            });
+            .unwrap_or_else(|| partial(&[]));
         (dw, bias.then_some(db))
     }
 
