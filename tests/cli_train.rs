@@ -598,6 +598,30 @@ fn mixed_precision_bf16_is_refused_on_the_cpu() {
     assert!(!root.join("out/checkpoints").exists());
 }
 
+/// Dropout rates outside 0..1 are refused before any work, naming the option.
+#[test]
+fn caption_dropout_rates_must_be_probabilities() {
+    let root = scratch("bad_rates");
+    let captions = make_dataset(&root.join("data"));
+    let config = write_config(&root, "unet.toml", UNET_CONFIG);
+    for (key, value) in [("caption_tag_dropout", "1.5"), ("caption_dropout", "-0.1")] {
+        let set = format!("{key}={value}");
+        let args = train_args(
+            &config,
+            &captions,
+            &root.join("out"),
+            &root.join("cache"),
+            &["--set", &set],
+        );
+        let err = fails(&args);
+        assert!(
+            err.contains(&format!("{key} is a probability")) && err.contains(value),
+            "{err}"
+        );
+    }
+    assert!(!root.join("out/checkpoints").exists());
+}
+
 #[test]
 fn resume_passes_over_partial_and_damaged_checkpoints() {
     let r = vae_reference();

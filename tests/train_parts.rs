@@ -11,8 +11,8 @@ use rand_chacha::ChaCha8Rng;
 use sd_rs::io::captions::CaptionedImage;
 use sd_rs::train::checkpoint::{CheckpointParts, Checkpoints, RngState, TrainState};
 use sd_rs::train::data::{
-    image_loader, resize_and_crop, rgb_to_tensor, BatchConfig, Batcher, CropMode, DataPosition,
-    EpochSampler, ImageTransform, Loader,
+    drop_tags, image_loader, resize_and_crop, rgb_to_tensor, BatchConfig, Batcher, CropMode,
+    DataPosition, EpochSampler, ImageTransform, Loader,
 };
 use sd_rs::train::ema::{Ema, EmaConfig, EmaWarmup};
 use sd_rs::train::latent_cache::{file_identity, sample_latent, CacheSettings, LatentCache};
@@ -785,6 +785,8 @@ fn batch_config(batch_size: usize, caption_dropout: f64, strict: bool) -> BatchC
         batch_size,
         seed: 11,
         caption_dropout,
+        caption_tag_dropout: 0.0,
+        caption_keep_tags: 0,
         strict,
     }
 }
@@ -867,6 +869,86 @@ fn caption_dropout_rate() -> Result<()> {
             range.contains(&dropped),
             "p = {p}: {dropped} of 4000 dropped"
         );
+    }
+    std::fs::remove_dir_all(dir)?;
+    Ok(())
+}
+
+#[test]
+fn tag_dropout_keeps_the_leading_tags_and_drops_the_others_at_its_rate() {
+    let caption = "anime girl, red hair, long hair,glasses , blue background";
+    let mut rng = ChaCha8Rng::seed_from_u64(5);
+    // Rate 0: the caption as written, spacing included, and no random numbers used.
+    assert_eq!(drop_tags(caption, 0.0, 2, &mut rng), caption);
+    assert_eq!(drop_tags(caption, 1.0, 2, &mut rng), "anime girl, red hair");
+    assert_eq!(
+        drop_tags(caption, 1.0, 9, &mut rng),
+        "anime girl, red hair, long hair, glasses, blue background"
+    );
+    let mut dropped = [0usize; 3];
+    let trials = 4000;
+    for _ in 0..trials {
+        let out = drop_tags(caption, 0.25, 2, &mut rng);
+        assert!(out.starts_with("anime girl, red hair"), "{out}");
+        let tags: Vec<&str> = out.split(", ").collect();
+        // Kept tags stay in their order.
+        let order = [
+            "anime girl",
+            "red hair",
+            "long hair",
+            "glasses",
+            "blue background",
+        ];
+        let positions: Vec<usize> = tags
+            .iter()
+            .map(|t| order.iter().position(|o| o == t).unwrap())
+            .collect();
+        assert!(positions.windows(2).all(|w| w[0] < w[1]), "{out}");
+        for (k, tag) in order[2..].iter().enumerate() {
+            dropped[k] += !tags.contains(tag) as usize;
+        }
+    }
+    // Each later tag independently, at 0.25: 1000 of 4000 expected, sd about 27.
+    for d in dropped {
+        assert!((880..=1120).contains(&d), "{dropped:?} of {trials}");
+    }
+}
+
+#[test]
+fn batches_apply_tag_dropout_to_their_captions() -> Result<()> {
+    let dir = scratch("data-tags");
+    let items: Vec<CaptionedImage> = image_dataset(&dir, 4)
+        .into_iter()
+        .map(|mut item| {
+            item.caption = format!("{}, tag a, tag b", item.caption);
+            item
+        })
+        .collect();
+    let load: sd_rs::train::data::LoadFn =
+        Arc::new(|_: &CaptionedImage, i: usize, _: &mut ChaCha8Rng| {
+            Ok(Tensor::new(&[i as f32], &Device::Cpu)?)
+        });
+    let config = BatchConfig {
+        caption_tag_dropout: 0.5,
+        caption_keep_tags: 1,
+        ..batch_config(100, 0.0, false)
+    };
+    let mut batcher = Batcher::new(Arc::new(items), load, config, DataPosition::default())?;
+    let mut seen = std::collections::HashMap::new();
+    for _ in 0..10 {
+        let batch = batcher.next_batch()?;
+        for (c, i) in batch.captions.iter().zip(&batch.indices) {
+            assert!(c.starts_with(&format!("caption {i}")), "{c}");
+            *seen
+                .entry(c.trim_start_matches(&format!("caption {i}")).to_string())
+                .or_insert(0) += 1;
+        }
+    }
+    // All four subsets of the two later tags, each about a quarter of 1000.
+    assert_eq!(seen.len(), 4, "{seen:?}");
+    for suffix in ["", ", tag a", ", tag b", ", tag a, tag b"] {
+        let n = seen[suffix];
+        assert!((200..=300).contains(&n), "{suffix:?}: {n} of 1000");
     }
     std::fs::remove_dir_all(dir)?;
     Ok(())

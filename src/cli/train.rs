@@ -33,7 +33,7 @@ use crate::schedule::{NoiseSchedule, PredictionType, SchedulerConfig};
 use crate::train::data::{BatchConfig, Batcher, CropMode, Loader};
 use crate::train::init::seeded_var_builder;
 use crate::train::latent_cache::{file_identity, sample_latent, CacheSettings, LatentCache};
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, ensure, Context, Result};
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarMap;
 use indicatif::ProgressBar;
@@ -89,6 +89,14 @@ pub struct TrainConfig {
     /// Probability of training on the empty caption (for classifier-free guidance).
     #[serde(default = "default_caption_dropout")]
     pub caption_dropout: f64,
+    /// Probability of leaving out each comma-separated tag after the first `caption_keep_tags`
+    /// when a caption is used (kohya's `caption_tag_dropout_rate` / `keep_tokens`), so prompts
+    /// that name only some of a caption's tags are in the training distribution; 0 (the
+    /// default) uses captions as written.
+    #[serde(default)]
+    pub caption_tag_dropout: f64,
+    #[serde(default)]
+    pub caption_keep_tags: usize,
     /// Min-SNR-gamma loss weighting (Hang et al. 2023); 0 turns it off.
     #[serde(default)]
     pub min_snr_gamma: f64,
@@ -183,6 +191,15 @@ pub fn run(args: TrainArgs) -> Result<()> {
         None => bail!("training from scratch needs --config (see configs/sd-rs-anime/unet.toml); to fine-tune pass --model"),
     };
     args.run.apply(&mut cfg.train);
+    for (name, p) in [
+        ("caption_dropout", cfg.caption_dropout),
+        ("caption_tag_dropout", cfg.caption_tag_dropout),
+    ] {
+        ensure!(
+            (0.0..=1.0).contains(&p),
+            "{name} is a probability: give a value in 0..1, not {p}"
+        );
+    }
     if let Some(mp) = args.mixed_precision {
         cfg.mixed_precision = mp;
     }
@@ -314,6 +331,8 @@ pub fn run(args: TrainArgs) -> Result<()> {
         batch_size: cfg.train.batch_size,
         seed: cfg.train.seed,
         caption_dropout: cfg.caption_dropout,
+        caption_tag_dropout: cfg.caption_tag_dropout,
+        caption_keep_tags: cfg.caption_keep_tags,
         strict: args.run.strict,
     };
     let batcher = Batcher::new(

@@ -122,6 +122,8 @@ pub fn run(args: TrainVaeArgs) -> Result<()> {
         batch_size: cfg.train.batch_size,
         seed: cfg.train.seed,
         caption_dropout: 0.0,
+        caption_tag_dropout: 0.0,
+        caption_keep_tags: 0,
         strict: args.run.strict,
     };
     let items = Arc::new(items);
@@ -256,6 +258,8 @@ fn measure_scaling_factor(
         batch_size: 16.min(items.len()),
         seed: 1,
         caption_dropout: 0.0,
+        caption_tag_dropout: 0.0,
+        caption_keep_tags: 0,
         strict: false,
     };
     let mut batcher = Batcher::new(
