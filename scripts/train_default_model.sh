@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Makes the shipped default model, models/sd-rs-anime, from nothing but npm packages and sd-rs:
-# render the avatar dataset, train the VAE, train the U-Net and text encoder (two stages), copy
+# render the avatar dataset, train the VAE, train the U-Net and text encoder (three stages), copy
 # the result into models/ (f16 weights) and measure how well it follows prompts.
 #
 # Resumable: run it again after a stop (or in a later session) and every stage continues from
@@ -15,15 +15,27 @@ cd "$(dirname "$0")/.."
 WORK="${SD_RS_WORK:-$HOME/sd-rs-runs}"
 DEVICE="${SD_RS_DEVICE:-auto}"
 DATA="$WORK/avatars"
+DATA_V1="$WORK/avatars-v1"
 VAE="$WORK/anime-vae"
 VAE_FT="$WORK/anime-vae-ft"
 MODEL="$WORK/anime"
 MODEL_FT="$WORK/anime-ft"
+MODEL_GLASSES="$WORK/anime-glasses"
 mkdir -p "$WORK"
 
-if [ ! -f "$DATA/data.jsonl" ]; then
-  echo "== rendering the dataset into $DATA"
+# Two renderings of the same 20,000 faces and captions: the VAE and the first two U-Net stages
+# were trained on the first (three glasses frames, as the data set was until 2026-12-06), the
+# third stage on the current one ("glasses" always dark frames).
+if [ ! -f "$DATA_V1/data.jsonl" ] || [ ! -f "$DATA/data.jsonl" ]; then
   (cd scripts/avatars && npm ci --no-audit --no-fund)
+fi
+if [ ! -f "$DATA_V1/data.jsonl" ]; then
+  echo "== rendering the first data set into $DATA_V1"
+  node scripts/avatars/render.mjs --out "$DATA_V1" --count 20000 --seed 0 \
+    --glasses-variants variant02,variant04,variant05
+fi
+if [ ! -f "$DATA/data.jsonl" ]; then
+  echo "== rendering the data set into $DATA"
   node scripts/avatars/render.mjs --out "$DATA" --count 20000 --seed 0
 fi
 
@@ -39,7 +51,7 @@ has_checkpoint() { ls "$1/checkpoints" 2>/dev/null | grep -q '^checkpoint-'; }
 if [ ! -f "$VAE/config.json" ]; then
   echo "== training the VAE into $VAE"
   resume=(); has_checkpoint "$VAE" && resume=(--resume)
-  "$SD" train-vae --config configs/sd-rs-anime/vae.toml --images "$DATA/data.jsonl" \
+  "$SD" train-vae --config configs/sd-rs-anime/vae.toml --images "$DATA_V1/data.jsonl" \
     -o "$VAE" --device "$DEVICE" "${resume[@]}"
 fi
 
@@ -49,7 +61,7 @@ fi
 if [ ! -f "$VAE_FT/config.json" ]; then
   echo "== fine-tuning the VAE's decoder into $VAE_FT"
   resume=(); has_checkpoint "$VAE_FT" && resume=(--resume)
-  "$SD" train-vae --config configs/sd-rs-anime/vae.toml --images "$DATA/data.jsonl" \
+  "$SD" train-vae --config configs/sd-rs-anime/vae.toml --images "$DATA_V1/data.jsonl" \
     --init "$VAE" --decoder-only --steps 1500 -o "$VAE_FT" --device "$DEVICE" "${resume[@]}"
 fi
 
@@ -58,7 +70,7 @@ fi
 if [ ! -f "$MODEL/.finished" ]; then
   echo "== training the U-Net and text encoder into $MODEL"
   resume=(); has_checkpoint "$MODEL" && resume=(--resume)
-  "$SD" train --config configs/sd-rs-anime/unet.toml --captions "$DATA/data.jsonl" --vae "$VAE" \
+  "$SD" train --config configs/sd-rs-anime/unet.toml --captions "$DATA_V1/data.jsonl" --vae "$VAE" \
     -o "$MODEL" --device "$DEVICE" --save-f16 "${resume[@]}"
   touch "$MODEL/.finished"
 fi
@@ -69,13 +81,22 @@ if [ ! -f "$MODEL_FT/.finished" ]; then
   echo "== training them further into $MODEL_FT"
   resume=(); has_checkpoint "$MODEL_FT" && resume=(--resume)
   "$SD" train --model "$MODEL" --config configs/sd-rs-anime/unet-finetune.toml \
-    --captions "$DATA/data.jsonl" -o "$MODEL_FT" --device "$DEVICE" --save-f16 "${resume[@]}"
+    --captions "$DATA_V1/data.jsonl" -o "$MODEL_FT" --device "$DEVICE" --save-f16 "${resume[@]}"
   touch "$MODEL_FT/.finished"
+fi
+
+# Third stage: on the current data set, with tag dropout (see the config for why).
+if [ ! -f "$MODEL_GLASSES/.finished" ]; then
+  echo "== training them further into $MODEL_GLASSES"
+  resume=(); has_checkpoint "$MODEL_GLASSES" && resume=(--resume)
+  "$SD" train --model "$MODEL_FT" --config configs/sd-rs-anime/unet-glasses.toml \
+    --captions "$DATA/data.jsonl" -o "$MODEL_GLASSES" --device "$DEVICE" --save-f16 "${resume[@]}"
+  touch "$MODEL_GLASSES/.finished"
 fi
 
 echo "== copying the model into models/sd-rs-anime"
 rm -rf models/sd-rs-anime.tmp && mkdir -p models/sd-rs-anime.tmp
-cp -r "$MODEL_FT"/{model_index.json,generation_config.json,unet,text_encoder,tokenizer,scheduler} \
+cp -r "$MODEL_GLASSES"/{model_index.json,generation_config.json,unet,text_encoder,tokenizer,scheduler} \
   models/sd-rs-anime.tmp/
 # The VAE with the fine-tuned decoder (f32: under 3 MB).
 mkdir -p models/sd-rs-anime.tmp/vae
