@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Makes the shipped default model, models/sd-rs-anime, from nothing but npm packages and sd-rs:
-# render the avatar dataset, train the VAE, train the U-Net and text encoder (three stages), copy
+# render the avatar dataset, train the VAE, train the U-Net and text encoder (two stages), copy
 # the result into models/ (f16 weights) and measure how well it follows prompts.
 #
 # Resumable: run it again after a stop (or in a later session) and every stage continues from
@@ -14,29 +14,20 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 WORK="${SD_RS_WORK:-$HOME/sd-rs-runs}"
 DEVICE="${SD_RS_DEVICE:-auto}"
-DATA="$WORK/avatars"
 DATA_V1="$WORK/avatars-v1"
 VAE="$WORK/anime-vae"
 VAE_FT="$WORK/anime-vae-ft"
 MODEL="$WORK/anime"
 MODEL_FT="$WORK/anime-ft"
-MODEL_GLASSES="$WORK/anime-glasses"
 mkdir -p "$WORK"
 
-# Two renderings of the same 20,000 faces and captions: the VAE and the first two U-Net stages
-# were trained on the first (three glasses frames, as the data set was until 2026-12-06), the
-# third stage on the current one ("glasses" always dark frames).
-if [ ! -f "$DATA_V1/data.jsonl" ] || [ ! -f "$DATA/data.jsonl" ]; then
-  (cd scripts/avatars && npm ci --no-audit --no-fund)
-fi
+# The shipped model was trained on the data set as it was rendered until 2026-12-06 (three
+# glasses frames; the vocabulary now draws one): --glasses-variants renders exactly that one.
 if [ ! -f "$DATA_V1/data.jsonl" ]; then
-  echo "== rendering the first data set into $DATA_V1"
+  echo "== rendering the data set into $DATA_V1"
+  (cd scripts/avatars && npm ci --no-audit --no-fund)
   node scripts/avatars/render.mjs --out "$DATA_V1" --count 20000 --seed 0 \
     --glasses-variants variant02,variant04,variant05
-fi
-if [ ! -f "$DATA/data.jsonl" ]; then
-  echo "== rendering the data set into $DATA"
-  node scripts/avatars/render.mjs --out "$DATA" --count 20000 --seed 0
 fi
 
 # SD_RS_BIN: a prebuilt sd-rs (e.g. a copy kept outside the tree); else build one.
@@ -65,38 +56,28 @@ if [ ! -f "$VAE_FT/config.json" ]; then
     --init "$VAE" --decoder-only --steps 1500 -o "$VAE_FT" --device "$DEVICE" "${resume[@]}"
 fi
 
-# `train` writes a usable model folder (model_index.json included) at every validation, so
-# a finished U-Net stage is marked by a file written only once its command has returned.
-if [ ! -f "$MODEL/.finished" ]; then
-  echo "== training the U-Net and text encoder into $MODEL"
-  resume=(); has_checkpoint "$MODEL" && resume=(--resume)
-  "$SD" train --config configs/sd-rs-anime/unet.toml --captions "$DATA_V1/data.jsonl" --vae "$VAE" \
-    -o "$MODEL" --device "$DEVICE" --save-f16 "${resume[@]}"
-  touch "$MODEL/.finished"
-fi
+# One U-Net and text encoder stage: unet_stage OUT DATA CONFIG [train options...]. `train`
+# writes a usable model folder (model_index.json included) at every validation, so a finished
+# stage is marked by a file written only once its command has returned.
+unet_stage() {
+  local out="$1" data="$2" config="$3"
+  shift 3
+  [ -f "$out/.finished" ] && return
+  echo "== training the U-Net and text encoder into $out ($config)"
+  resume=(); has_checkpoint "$out" && resume=(--resume)
+  "$SD" train --config "$config" --captions "$data/data.jsonl" -o "$out" --device "$DEVICE" \
+    --save-f16 "$@" "${resume[@]}"
+  touch "$out/.finished"
+}
 
+unet_stage "$MODEL" "$DATA_V1" configs/sd-rs-anime/unet.toml --vae "$VAE"
 # Second stage: the same U-Net and text encoder trained further from their EMA weights, with
 # a fresh warm-up and cosine decay (see the config for why).
-if [ ! -f "$MODEL_FT/.finished" ]; then
-  echo "== training them further into $MODEL_FT"
-  resume=(); has_checkpoint "$MODEL_FT" && resume=(--resume)
-  "$SD" train --model "$MODEL" --config configs/sd-rs-anime/unet-finetune.toml \
-    --captions "$DATA_V1/data.jsonl" -o "$MODEL_FT" --device "$DEVICE" --save-f16 "${resume[@]}"
-  touch "$MODEL_FT/.finished"
-fi
-
-# Third stage: on the current data set, with tag dropout (see the config for why).
-if [ ! -f "$MODEL_GLASSES/.finished" ]; then
-  echo "== training them further into $MODEL_GLASSES"
-  resume=(); has_checkpoint "$MODEL_GLASSES" && resume=(--resume)
-  "$SD" train --model "$MODEL_FT" --config configs/sd-rs-anime/unet-glasses.toml \
-    --captions "$DATA/data.jsonl" -o "$MODEL_GLASSES" --device "$DEVICE" --save-f16 "${resume[@]}"
-  touch "$MODEL_GLASSES/.finished"
-fi
+unet_stage "$MODEL_FT" "$DATA_V1" configs/sd-rs-anime/unet-finetune.toml --model "$MODEL"
 
 echo "== copying the model into models/sd-rs-anime"
 rm -rf models/sd-rs-anime.tmp && mkdir -p models/sd-rs-anime.tmp
-cp -r "$MODEL_GLASSES"/{model_index.json,generation_config.json,unet,text_encoder,tokenizer,scheduler} \
+cp -r "$MODEL_FT"/{model_index.json,generation_config.json,unet,text_encoder,tokenizer,scheduler} \
   models/sd-rs-anime.tmp/
 # The VAE with the fine-tuned decoder (f32: under 3 MB).
 mkdir -p models/sd-rs-anime.tmp/vae
