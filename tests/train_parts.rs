@@ -782,12 +782,8 @@ fn image_dataset(dir: &Path, n: usize) -> Vec<CaptionedImage> {
 
 fn batch_config(batch_size: usize, caption_dropout: f64, strict: bool) -> BatchConfig {
     BatchConfig {
-        batch_size,
-        seed: 11,
         caption_dropout,
-        caption_tag_dropout: 0.0,
-        caption_keep_tags: 0,
-        strict,
+        ..BatchConfig::plain(batch_size, 11, strict)
     }
 }
 

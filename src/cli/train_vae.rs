@@ -118,14 +118,7 @@ pub fn run(args: TrainVaeArgs) -> Result<()> {
         crop: CropMode::Center,
         random_flip: cfg.random_flip,
     };
-    let batch_config = BatchConfig {
-        batch_size: cfg.train.batch_size,
-        seed: cfg.train.seed,
-        caption_dropout: 0.0,
-        caption_tag_dropout: 0.0,
-        caption_keep_tags: 0,
-        strict: args.run.strict,
-    };
+    let batch_config = BatchConfig::plain(cfg.train.batch_size, cfg.train.seed, args.run.strict);
     let items = Arc::new(items);
     let batcher = Batcher::new(
         items.clone(),
@@ -254,14 +247,7 @@ fn measure_scaling_factor(
         crop: CropMode::Center,
         random_flip: false,
     };
-    let config = BatchConfig {
-        batch_size: 16.min(items.len()),
-        seed: 1,
-        caption_dropout: 0.0,
-        caption_tag_dropout: 0.0,
-        caption_keep_tags: 0,
-        strict: false,
-    };
+    let config = BatchConfig::plain(16.min(items.len()), 1, false);
     let mut batcher = Batcher::new(
         items.clone(),
         image_loader(transform),

@@ -246,6 +246,21 @@ pub struct BatchConfig {
     pub strict: bool,
 }
 
+impl BatchConfig {
+    /// Batches whose captions are used as written and never dropped (images only, as the VAE
+    /// trains); set the caption fields on top of this where they matter.
+    pub fn plain(batch_size: usize, seed: u64, strict: bool) -> Self {
+        Self {
+            batch_size,
+            seed,
+            caption_dropout: 0.0,
+            caption_tag_dropout: 0.0,
+            caption_keep_tags: 0,
+            strict,
+        }
+    }
+}
+
 /// `caption` with each tag after the first `keep` left out with probability `rate`; the order
 /// of the others is kept. With `rate` 0 the caption comes back unchanged.
 pub fn drop_tags(caption: &str, rate: f64, keep: usize, rng: &mut impl RngCore) -> String {
