@@ -6,8 +6,8 @@
 #                                         test 5-7 MB)
 #   scripts/gpu_test.sh remote [STAGE..]  on the GPU host, from the repository root with
 #                                         dist/gpu/ beside it; stages: libs device parity
-#                                         generate train bench (default: all, in that order)
-#                                         and model (needs dist/avatars.pack, see below)
+#                                         generate train bench (default: all, in that order),
+#                                         profile and model (needs dist/avatars.pack, see below)
 #
 # A session lent a GPU runs `build`, then `bash scripts/gpu_test.sh remote` on the device
 # machine with dist/gpu carried along; logs, images and the summary land in $OUT (default
@@ -23,7 +23,8 @@
 # Parity tests: `build` packages the integration tests that take their device from
 # sd_rs::device::test_device() (plus tests/device.rs); `parity` runs them with
 # SD_RS_TEST_DEVICE=cuda:0, so the same fixtures from diffusers are checked on the GPU.
-# Override the list with GPU_TESTS="device unet vae", or GPU_TESTS=none for the binary alone
+# GPU_CUDNN=1 also builds sd-rs with cuDNN convolutions (dist/gpu/sd-rs-cudnn, for the profile
+# stage). Override the list with GPU_TESTS="device unet vae", or GPU_TESTS=none for the binary alone
 # (the device tool carries 64 MiB per call: the repository, dist/gpu and the `model` stage's
 # data set together).
 set -uo pipefail
@@ -52,6 +53,15 @@ build() {
       grep -q 'test_device()' "$f" && tests+=("$(basename "$f" .rs)")
     done
   fi
+  if [[ "${GPU_CUDNN:-0}" == 1 ]]; then
+    # The same target folder: only candle-core, candle-nn and sd-rs rebuild between the two.
+    log "building sd-rs with --features cudnn (for the profile stage) into target/cuda"
+    eval "$(scripts/cuda_toolchain.sh env --cudnn)"
+    cargo build --release --features cudnn --target-dir target/cuda
+    cp target/cuda/release/sd-rs target/cuda/sd-rs-cudnn
+  else
+    rm -f target/cuda/sd-rs-cudnn
+  fi
   log "building sd-rs and tests (${tests[*]}) with --features cuda into target/cuda"
   cargo build --release --features cuda --target-dir target/cuda
   [[ "${tests[*]}" == none ]] && tests=()
@@ -72,6 +82,8 @@ build() {
 import json, lzma, os, shutil, subprocess, sys, tempfile
 dest = sys.argv[2]
 binaries = {"sd-rs": sys.argv[3]}
+if os.path.exists("target/cuda/sd-rs-cudnn"):
+    binaries["sd-rs-cudnn"] = "target/cuda/sd-rs-cudnn"
 for line in open(sys.argv[1]):
     msg = json.loads(line)
     if msg.get("reason") == "compiler-artifact" and msg.get("executable") and \
@@ -107,6 +119,7 @@ setup_remote() {
   BIN_DIR="$(mktemp -d)"
   unxz_to() { python3 -c 'import lzma, shutil, sys; shutil.copyfileobj(lzma.open(sys.argv[1]), open(sys.argv[2], "wb"))' "$1" "$2"; }
   unxz_to "$DIST/sd-rs.xz" "$BIN_DIR/sd-rs"
+  [[ -f "$DIST/sd-rs-cudnn.xz" ]] && unxz_to "$DIST/sd-rs-cudnn.xz" "$BIN_DIR/sd-rs-cudnn"
   local t
   for t in "$DIST"/tests/*.xz; do
     [[ -e "$t" ]] || continue
@@ -321,6 +334,30 @@ stage_bench() {
     HF_HUB_OFFLINE=1 run python3 scripts/bench.py --device cuda --dtype "$dtype" --sd-rs "$SDRS" \
       --torch-train pure --timeout 240 --json-out "$OUT/bench-cuda-$dtype.json" ${BENCH_ARGS:-} ||
       return 1
+  done
+}
+
+# Where the GPU time goes, by kind of layer (`sd-rs bench --profile`: each layer waits for the
+# device before and after, so these runs are slower than bench's): the 512x512 U-Net step and
+# VAE decode on the bench stage's SD 1.5-shaped models, in each dtype of $BENCH_DTYPES. A
+# binary built with cuDNN (dist/gpu/sd-rs-cudnn.xz, if `build` made one) is profiled too.
+stage_profile() {
+  need_subcommand bench || return 1
+  if [[ ! -d data/bench/sd15 ]]; then
+    python3 -c 'import diffusers' 2>/dev/null ||
+      { echo "MISSING: diffusers for python3 (to build data/bench)"; return 1; }
+    HF_HUB_OFFLINE=1 run python3 scripts/make_bench_models.py || return 1
+  fi
+  local bins=("$SDRS") bin dtype case
+  [[ -x "$BIN_DIR/sd-rs-cudnn" ]] && bins+=("$BIN_DIR/sd-rs-cudnn")
+  for bin in "${bins[@]}"; do
+    for dtype in ${BENCH_DTYPES:-bf16}; do
+      for case in unet vae-decode; do
+        echo "=== $(basename "$bin") $case $dtype"
+        run "$bin" bench --model data/bench/sd15 --case "$case" --device cuda:0 --dtype "$dtype" \
+          --width 512 --height 512 --warmup 1 --repeat 3 --profile >>"$OUT/profile.jsonl" || return 1
+      done
+    done
   done
 }
 

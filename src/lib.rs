@@ -7,6 +7,7 @@ pub mod io;
 pub mod mapped;
 pub mod model;
 pub mod pipeline;
+pub mod profile;
 pub mod sampler;
 pub mod schedule;
 pub mod train;

@@ -15,6 +15,7 @@ use crate::model::unet::{UNet2DConditionConfig, UNet2DConditionModel};
 use crate::model::vae::{AutoencoderKL, AutoencoderKLConfig};
 use crate::model::weights::{load_component, load_varmap_from_component, read_config};
 use crate::pipeline::{GenerateRequest, Pipeline};
+use crate::profile;
 use crate::sampler::SamplerKind;
 use crate::train::init::seeded_var_builder;
 use crate::train::optim::{named_vars, AdamW, AdamWConfig};
@@ -22,6 +23,7 @@ use anyhow::{bail, ensure, Context, Result};
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarMap;
 use serde_json::{json, Value};
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -87,6 +89,12 @@ pub struct BenchArgs {
     /// auto, f32, f16 or bf16.
     #[arg(long, default_value = "auto")]
     pub dtype: String,
+
+    /// Also report the time of each kind of layer (convolution, group norm, attention, ...)
+    /// per timed run, on stderr and as "profile" in the JSON line. Each layer then waits for
+    /// the device before and after its work, so on a GPU the runs themselves get slower.
+    #[arg(long)]
+    pub profile: bool,
 }
 
 #[derive(Default)]
@@ -94,6 +102,8 @@ struct Timings {
     /// The untimed-for-the-median warm-up runs, reported anyway.
     warmup: Vec<f64>,
     timed: Vec<f64>,
+    /// With --profile: time by kind of layer over all the timed runs.
+    profile: BTreeMap<&'static str, profile::Total>,
 }
 
 /// What a case reports besides its timings.
@@ -106,6 +116,7 @@ struct Measured {
 
 pub fn run(args: BenchArgs) -> Result<()> {
     ensure!(args.repeat > 0, "--repeat must be at least 1");
+    profile::set_enabled(args.profile);
     let device = select_device(&args.device.parse()?)?;
     let dtype = parse_dtype(&args.dtype, &device)?;
     let m = match args.case {
@@ -129,8 +140,41 @@ pub fn run(args: BenchArgs) -> Result<()> {
         "threads": candle_core::utils::get_num_threads(),
         "peak_rss_mb": peak_rss_mb(),
     });
+    let mut report = report;
+    if args.profile {
+        report["profile"] = profile_report(&m.times, args.repeat);
+    }
     println!("{report}");
     Ok(())
+}
+
+/// Per timed run: each kind's calls and seconds, largest first, then the rest of the run's time
+/// (element-wise ops outside the instrumented layers, sampler, host work). Also printed as a
+/// table on stderr.
+fn profile_report(times: &Timings, runs: usize) -> Value {
+    let per_run = |d: std::time::Duration| d.as_secs_f64() / runs as f64;
+    let mut kinds: Vec<_> = times.profile.iter().collect();
+    kinds.sort_by(|a, b| b.1.time.cmp(&a.1.time));
+    let run_s = times.timed.iter().sum::<f64>() / runs as f64;
+    let layers_s: f64 = kinds.iter().map(|(_, t)| per_run(t.time)).sum();
+    eprintln!("per timed run ({run_s:.4} s):");
+    let mut rows = Vec::new();
+    for (kind, total) in &kinds {
+        let seconds = per_run(total.time);
+        let calls = total.calls as f64 / runs as f64;
+        eprintln!(
+            "  {:>9.4} s {:>5.1}%  {calls:>6.0} calls  {kind}",
+            seconds,
+            100.0 * seconds / run_s
+        );
+        rows.push(json!({"kind": kind, "calls": calls, "seconds": seconds}));
+    }
+    let rest = run_s - layers_s;
+    eprintln!(
+        "  {rest:>9.4} s {:>5.1}%  everything else",
+        100.0 * rest / run_s
+    );
+    json!({"run_s": run_s, "layers": rows, "other_s": rest})
 }
 
 /// Runs `f` `warmup` times, then `repeat` times (waiting for the device after each run), and
@@ -143,6 +187,10 @@ fn time_runs<T>(
     let mut times = Timings::default();
     let mut last = None;
     for i in 0..args.warmup + args.repeat {
+        if i == args.warmup {
+            // Only the timed runs go into the profile.
+            profile::take();
+        }
         let start = Instant::now();
         let out = f()?;
         device.synchronize()?;
@@ -154,6 +202,7 @@ fn time_runs<T>(
         }
         last = Some(out);
     }
+    times.profile = profile::take();
     Ok((times, last.expect("repeat >= 1")))
 }
 
@@ -306,7 +355,12 @@ fn train(args: &BenchArgs, device: &Device, dtype: DType) -> Result<Measured> {
             .context;
         let prediction = unet.forward(&z_t, &t, &context, None)?;
         let loss = (prediction - &eps)?.sqr()?.mean_all()?;
-        let grads = optimizer.grads(&loss.backward()?);
+        // The backward pass and the optimizer are timed whole (candle runs the backward).
+        let grads = {
+            let _profile = profile::scope("backward (all layers)", device);
+            optimizer.grads(&loss.backward()?)
+        };
+        let _profile = profile::scope("AdamW step", device);
         optimizer.step(&grads, 1e-4)?;
         losses.push(loss.to_dtype(DType::F32)?.to_scalar::<f32>()?);
         Ok(())

@@ -15,6 +15,7 @@ use candle_core::{DType, Module, Result, Tensor, D};
 use candle_nn::{Conv2dConfig, VarBuilder};
 
 use super::ops;
+use crate::profile;
 
 /// `w` in the dtype of the activations `x`. Mixed-precision training keeps f32 weights and runs
 /// the network in bf16/f16; the cast is differentiable, so the gradients reach the f32 weights.
@@ -35,6 +36,7 @@ pub fn silu(x: &Tensor) -> Result<Tensor> {
 /// Views `x` as (A, P, Q, R), swaps P and Q, and reshapes to `out`: the layout changes between
 /// feature maps, tokens and heads. One fused node on the CPU.
 fn swap(x: &Tensor, view: (usize, usize, usize, usize), out: &[usize]) -> Result<Tensor> {
+    let _profile = profile::scope("transpose (channels <-> tokens, heads)", x.device());
     if ops::applies(x) {
         ops::swap_dims(x, view, out)
     } else {
@@ -65,6 +67,7 @@ impl GroupNorm {
     /// GroupNorm followed by SiLU, the pair every ResnetBlock2D and output head uses; one fused
     /// kernel on the CPU.
     pub fn forward_silu(&self, x: &Tensor) -> Result<Tensor> {
+        let _profile = profile::scope("group norm", x.device());
         if ops::applies(x) {
             ops::group_norm(x, &self.weight, &self.bias, self.groups, self.eps, true)
         } else {
@@ -90,6 +93,7 @@ impl GroupNorm {
 
 impl Module for GroupNorm {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let _profile = profile::scope("group norm", x.device());
         if ops::applies(x) {
             ops::group_norm(x, &self.weight, &self.bias, self.groups, self.eps, false)
         } else {
@@ -126,6 +130,7 @@ impl Conv2d {
     /// The convolution with explicit zero padding [top, bottom, left, right] instead of the
     /// configured one (the VAE downsampler pads only bottom and right).
     pub fn forward_padded(&self, x: &Tensor, pad: [usize; 4]) -> Result<Tensor> {
+        let _profile = profile::scope("conv2d", x.device());
         if ops::applies(x) {
             return ops::conv2d(x, &self.weight, self.bias.as_ref(), self.stride, pad);
         }
@@ -143,6 +148,7 @@ impl Conv2d {
 
 impl Module for Conv2d {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let _profile = profile::scope("conv2d", x.device());
         if ops::applies(x) {
             let p = self.padding;
             ops::conv2d(x, &self.weight, self.bias.as_ref(), self.stride, [p; 4])
@@ -228,6 +234,7 @@ impl TransposeOnFirstUse {
 
 impl Module for Linear {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let _profile = profile::scope("linear", x.device());
         let weight = match &self.weight {
             LinearWeight::OutIn(w) => w.clone(),
             LinearWeight::InOut(lazy) => {
@@ -312,6 +319,7 @@ impl LayerNorm {
 
 impl Module for LayerNorm {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let _profile = profile::scope("layer norm", x.device());
         if ops::applies(x) {
             return ops::layer_norm(x, &self.weight, &self.bias, self.eps);
         }
@@ -525,6 +533,7 @@ fn same_parity(x: &Tensor) -> Result<Tensor> {
 /// backward overwrites (instead of accumulating into) the input's gradient. Other sizes (odd
 /// latent sizes, where diffusers passes `upsample_size`) use `index_select`, also differentiable.
 pub fn upsample_nearest(x: &Tensor, out_h: usize, out_w: usize) -> Result<Tensor> {
+    let _profile = profile::scope("upsample", x.device());
     let (b, c, h, w) = x.dims4()?;
     if out_h == 2 * h && out_w == 2 * w {
         if ops::applies(x) {
@@ -593,6 +602,7 @@ const ATTENTION_SCORE_CHUNK: usize = 1 << 24;
 /// On the CPU in f32/f64 this is one fused kernel (with its own backward) that holds only a
 /// block of scores per head at a time; elsewhere it is [`attention_chunked`].
 pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Result<Tensor> {
+    let _profile = profile::scope("attention (scores, softmax, values)", q.device());
     if ops::applies(q) && ops::applies(k) && ops::applies(v) {
         return ops::attention(q, k, v, scale);
     }
@@ -778,13 +788,18 @@ impl FeedForward {
 impl Module for FeedForward {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let h = self.proj_in.forward(x)?;
-        if ops::applies(&h) {
-            return self.proj_out.forward(&ops::geglu(&h)?);
-        }
-        let inner = h.dim(D::Minus1)? / 2;
-        let value = h.narrow(D::Minus1, 0, inner)?;
-        let gate = h.narrow(D::Minus1, inner, inner)?;
-        self.proj_out.forward(&(value * gate.gelu_erf()?)?)
+        let activated = {
+            let _profile = profile::scope("geglu", h.device());
+            if ops::applies(&h) {
+                ops::geglu(&h)?
+            } else {
+                let inner = h.dim(D::Minus1)? / 2;
+                let value = h.narrow(D::Minus1, 0, inner)?;
+                let gate = h.narrow(D::Minus1, inner, inner)?;
+                (value * gate.gelu_erf()?)?
+            }
+        };
+        self.proj_out.forward(&activated)
     }
 }
 

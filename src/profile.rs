@@ -1,0 +1,118 @@
+//! Time per kind of layer, for `sd-rs bench --profile`.
+//!
+//! On a GPU the kernels run asynchronously, so a timer around a layer measures only the launch;
+//! and a machine lent for minutes has no CUDA toolkit, so no nsys or ncu. When profiling is on,
+//! each instrumented layer waits for the device before and after its work, which makes the time
+//! between the two waits that layer's own (launches and kernels). The waits slow the whole run
+//! down, so profiled runs are for the breakdown, not for the headline time. Off (the default),
+//! a scope is one relaxed atomic load.
+//!
+//! Only the outermost scope on a thread counts: a layer that calls another instrumented layer
+//! (an attention block's group norm) is charged as a whole to the outer kind.
+use candle_core::Device;
+use std::cell::Cell;
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+static ENABLED: AtomicBool = AtomicBool::new(false);
+static TOTALS: Mutex<BTreeMap<&'static str, Total>> = Mutex::new(BTreeMap::new());
+
+thread_local! {
+    static DEPTH: Cell<usize> = const { Cell::new(0) };
+}
+
+/// Calls and time of one kind of layer.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Total {
+    pub calls: u64,
+    pub time: Duration,
+}
+
+pub fn set_enabled(on: bool) {
+    ENABLED.store(on, Ordering::Relaxed);
+}
+
+/// A layer's work in progress; its time is recorded under `kind` when it is dropped.
+#[must_use = "the scope measures until it is dropped"]
+pub struct Scope {
+    kind: &'static str,
+    device: Device,
+    start: Instant,
+}
+
+/// Starts timing a layer of kind `kind` running on `device`; `None` when profiling is off or
+/// an enclosing layer is already being timed.
+pub fn scope(kind: &'static str, device: &Device) -> Option<Scope> {
+    if !ENABLED.load(Ordering::Relaxed) {
+        return None;
+    }
+    let outermost = DEPTH.with(|d| {
+        d.set(d.get() + 1);
+        d.get() == 1
+    });
+    if !outermost {
+        // Still counted in DEPTH, so undo that here: the scope that returns None has no Drop.
+        DEPTH.with(|d| d.set(d.get() - 1));
+        return None;
+    }
+    // Earlier layers' kernels must not be charged to this one. An error here would resurface
+    // in the layer's own work, so it is not reported twice.
+    let _ = device.synchronize();
+    Some(Scope {
+        kind,
+        device: device.clone(),
+        start: Instant::now(),
+    })
+}
+
+impl Drop for Scope {
+    fn drop(&mut self) {
+        let _ = self.device.synchronize();
+        let time = self.start.elapsed();
+        DEPTH.with(|d| d.set(d.get() - 1));
+        let mut totals = TOTALS.lock().unwrap_or_else(|e| e.into_inner());
+        let total = totals.entry(self.kind).or_default();
+        total.calls += 1;
+        total.time += time;
+    }
+}
+
+/// The totals recorded since the last call, by kind, and clears them.
+pub fn take() -> BTreeMap<&'static str, Total> {
+    std::mem::take(&mut *TOTALS.lock().unwrap_or_else(|e| e.into_inner()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn outermost_scopes_are_counted_and_nested_ones_charged_to_them() {
+        set_enabled(true);
+        take();
+        let cpu = Device::Cpu;
+        {
+            let _outer = scope("outer", &cpu);
+            assert!(
+                scope("inner", &cpu).is_none(),
+                "a nested scope must not count"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        drop(scope("inner", &cpu));
+        let totals = take();
+        set_enabled(false);
+        assert_eq!(totals["outer"].calls, 1);
+        assert!(totals["outer"].time >= Duration::from_millis(20));
+        assert_eq!(
+            totals["inner"].calls, 1,
+            "after the outer scope, inner counts"
+        );
+        assert!(totals["inner"].time < Duration::from_millis(20));
+        // (Other unit tests may run layers meanwhile, so only this test's kinds are checked.)
+        assert!(!take().contains_key("outer"), "take clears the totals");
+        assert!(scope("off", &cpu).is_none(), "off: no scope");
+    }
+}
