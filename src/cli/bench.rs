@@ -154,7 +154,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
 fn profile_report(times: &Timings, runs: usize) -> Value {
     let per_run = |d: std::time::Duration| d.as_secs_f64() / runs as f64;
     let mut kinds: Vec<_> = times.profile.iter().collect();
-    kinds.sort_by(|a, b| b.1.time.cmp(&a.1.time));
+    kinds.sort_by_key(|(_, total)| std::cmp::Reverse(total.time));
     let run_s = times.timed.iter().sum::<f64>() / runs as f64;
     let layers_s: f64 = kinds.iter().map(|(_, t)| per_run(t.time)).sum();
     eprintln!("per timed run ({run_s:.4} s):");
