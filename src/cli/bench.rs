@@ -127,7 +127,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
         Case::Train => train(&args, &device, dtype)?,
         Case::Load => load(&args, &device, dtype)?,
     };
-    let report = json!({
+    let mut report = json!({
         "tool": "sd-rs",
         "case": format!("{:?}", args.case),
         "median_s": median(&m.times.timed),
@@ -140,7 +140,6 @@ pub fn run(args: BenchArgs) -> Result<()> {
         "threads": candle_core::utils::get_num_threads(),
         "peak_rss_mb": peak_rss_mb(),
     });
-    let mut report = report;
     if args.profile {
         report["profile"] = profile_report(&m.times, args.repeat);
     }
