@@ -7,8 +7,8 @@
 //! down, so profiled runs are for the breakdown, not for the headline time. Off (the default),
 //! a scope is one relaxed atomic load.
 //!
-//! Only the outermost scope on a thread counts: a layer that calls another instrumented layer
-//! (an attention block's group norm) is charged as a whole to the outer kind.
+//! Only the outermost scope on a thread counts, so that time is never counted twice: were an
+//! instrumented layer to call another, the inner one's time would be the outer kind's.
 use candle_core::Device;
 use std::cell::Cell;
 use std::collections::BTreeMap;
@@ -20,7 +20,8 @@ static ENABLED: AtomicBool = AtomicBool::new(false);
 static TOTALS: Mutex<BTreeMap<&'static str, Total>> = Mutex::new(BTreeMap::new());
 
 thread_local! {
-    static DEPTH: Cell<usize> = const { Cell::new(0) };
+    /// Whether a scope is open on this thread.
+    static OPEN: Cell<bool> = const { Cell::new(false) };
 }
 
 /// Calls and time of one kind of layer.
@@ -48,13 +49,7 @@ pub fn scope(kind: &'static str, device: &Device) -> Option<Scope> {
     if !ENABLED.load(Ordering::Relaxed) {
         return None;
     }
-    let outermost = DEPTH.with(|d| {
-        d.set(d.get() + 1);
-        d.get() == 1
-    });
-    if !outermost {
-        // Still counted in DEPTH, so undo that here: the scope that returns None has no Drop.
-        DEPTH.with(|d| d.set(d.get() - 1));
+    if OPEN.with(|open| open.replace(true)) {
         return None;
     }
     // Earlier layers' kernels must not be charged to this one. An error here would resurface
@@ -71,7 +66,7 @@ impl Drop for Scope {
     fn drop(&mut self) {
         let _ = self.device.synchronize();
         let time = self.start.elapsed();
-        DEPTH.with(|d| d.set(d.get() - 1));
+        OPEN.with(|open| open.set(false));
         let mut totals = TOTALS.lock().unwrap_or_else(|e| e.into_inner());
         let total = totals.entry(self.kind).or_default();
         total.calls += 1;
