@@ -22,6 +22,8 @@ static TOTALS: Mutex<BTreeMap<&'static str, Total>> = Mutex::new(BTreeMap::new()
 thread_local! {
     /// Whether a scope is open on this thread.
     static OPEN: Cell<bool> = const { Cell::new(false) };
+    /// Time recorded by scopes on this thread, for [`remainder`].
+    static RECORDED: Cell<Duration> = const { Cell::new(Duration::ZERO) };
 }
 
 /// Calls and time of one kind of layer.
@@ -67,11 +69,35 @@ impl Drop for Scope {
         let _ = self.device.synchronize();
         let time = self.start.elapsed();
         OPEN.with(|open| open.set(false));
+        RECORDED.with(|recorded| recorded.set(recorded.get() + time));
         let mut totals = TOTALS.lock().unwrap_or_else(|e| e.into_inner());
         let total = totals.entry(self.kind).or_default();
         total.calls += 1;
         total.time += time;
     }
+}
+
+/// Runs `work` and charges to `kind` the part of its time that no scope it opened (on this
+/// thread) recorded:
+/// e.g. candle's backward pass, whose layers' gradients are timed by their own scopes, leaving
+/// candle's own ops and its summing of gradients under `kind`. Unlike a scope it leaves the
+/// scopes inside it counting.
+pub fn remainder<R>(kind: &'static str, device: &Device, work: impl FnOnce() -> R) -> R {
+    if !ENABLED.load(Ordering::Relaxed) || OPEN.with(Cell::get) {
+        return work();
+    }
+    let recorded = || RECORDED.with(Cell::get);
+    let _ = device.synchronize();
+    let (before, start) = (recorded(), Instant::now());
+    let out = work();
+    let _ = device.synchronize();
+    let elapsed = start.elapsed();
+    let inside = recorded().saturating_sub(before);
+    let mut totals = TOTALS.lock().unwrap_or_else(|e| e.into_inner());
+    let total = totals.entry(kind).or_default();
+    total.calls += 1;
+    total.time += elapsed.saturating_sub(inside);
+    out
 }
 
 /// The totals recorded since the last call, by kind, and clears them.
@@ -83,8 +109,12 @@ pub fn take() -> BTreeMap<&'static str, Total> {
 mod tests {
     use super::*;
 
+    /// Profiling is global: these tests must not switch it off or take totals under each other.
+    static SERIAL: Mutex<()> = Mutex::new(());
+
     #[test]
     fn outermost_scopes_are_counted_and_nested_ones_charged_to_them() {
+        let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
         set_enabled(true);
         take();
         let cpu = Device::Cpu;
@@ -109,5 +139,29 @@ mod tests {
         // (Other unit tests may run layers meanwhile, so only this test's kinds are checked.)
         assert!(!take().contains_key("outer"), "take clears the totals");
         assert!(scope("off", &cpu).is_none(), "off: no scope");
+    }
+
+    #[test]
+    fn remainder_is_the_time_no_scope_inside_recorded() {
+        let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+        set_enabled(true);
+        let cpu = Device::Cpu;
+        let start = Instant::now();
+        remainder("rest", &cpu, || {
+            std::thread::sleep(Duration::from_millis(15));
+            let _inner = scope("timed inside", &cpu);
+            std::thread::sleep(Duration::from_millis(20));
+        });
+        let total = start.elapsed();
+        let totals = take();
+        set_enabled(false);
+        let (rest, inner) = (totals["rest"], totals["timed inside"]);
+        assert_eq!((rest.calls, inner.calls), (1, 1));
+        assert!(inner.time >= Duration::from_millis(20), "{inner:?}");
+        assert!(rest.time >= Duration::from_millis(15), "{rest:?}");
+        assert!(
+            rest.time + inner.time <= total,
+            "{rest:?} + {inner:?} > {total:?}"
+        );
     }
 }

@@ -574,6 +574,7 @@ impl CustomOp3 for GroupNormOp {
         _res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let _profile = crate::profile::scope("group norm backward", x.device());
         let (cg, spatial) = self.dims(x.dims(), gamma.elem_count())?;
         let (dx, dg, db) = dispatch_dtype!(self.name(), x.dtype(), T => {
             with_data::<T, _>(&[x, grad, gamma, beta], |d| {
@@ -736,6 +737,7 @@ impl CustomOp3 for LayerNormOp {
         _res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let _profile = crate::profile::scope("layer norm backward", x.device());
         let (dx, dg, db) = dispatch_dtype!(self.name(), x.dtype(), T => {
             with_data::<T, _>(&[x, grad, gamma], |d| {
                 let (dx, dg, db) = self.bwd(d[0], d[1], d[2]);
@@ -1251,6 +1253,7 @@ impl CustomOp3 for AttentionOp {
         _res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let _profile = crate::profile::scope("attention backward", q.device());
         let (_, nq, nk, d) = Self::dims(q.dims(), k.dims(), v.dims())?;
         let (dq, dk, dv) = dispatch_dtype!(self.name(), q.dtype(), T => {
             with_data::<T, _>(&[q, k, v, grad], |t| {
@@ -1363,6 +1366,7 @@ impl CustomOp1 for Geglu {
     }
 
     fn bwd(&self, h: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        let _profile = crate::profile::scope("geglu backward", h.device());
         let inner = h.dim(D::Minus1)? / 2;
         let dh = dispatch_dtype!(self.name(), h.dtype(), T => {
             with_data::<T, _>(&[h, grad], |t| {
@@ -1430,6 +1434,7 @@ impl CustomOp1 for QuickGelu {
     }
 
     fn bwd(&self, x: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        let _profile = crate::profile::scope("quick gelu backward", x.device());
         let dx = dispatch_dtype!(self.name(), x.dtype(), T => {
             with_data::<T, _>(&[x, grad], |t| {
                 let mut dx = zeros(t[0].len());
@@ -1540,6 +1545,7 @@ impl CustomOp1 for SwapOp {
     }
 
     fn bwd(&self, arg: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        let _profile = crate::profile::scope("transpose backward", arg.device());
         let back = SwapOp {
             swap: self.swap.back(),
             out: arg.shape().clone(),
@@ -1693,6 +1699,7 @@ impl CustomOp2 for LinearOp {
         _res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let _profile = crate::profile::scope("linear backward", x.device());
         let (dx, dw, _) = self.bwd(x, w, grad, false)?;
         Ok((Some(dx), Some(dw)))
     }
@@ -1729,6 +1736,7 @@ impl CustomOp3 for LinearOp {
         _res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let _profile = crate::profile::scope("linear backward", x.device());
         let (dx, dw, db) = self.bwd(x, w, grad, true)?;
         Ok((Some(dx), Some(dw), db))
     }
@@ -1878,19 +1886,46 @@ impl ConvGeom {
         }
     }
 
-    /// The im2col block of output rows `oy0..oy1` of image `b`:
-    /// (C·kh·kw, (oy1 - oy0)·ow), written over `out` (a reused buffer of that size).
-    fn im2col_rows<T: WithDType>(&self, x: &[T], b: usize, oy0: usize, oy1: usize, out: &mut [T]) {
+    /// The im2col block of output rows `oy0..oy1` of `count` images from image `b0`:
+    /// (C·kh·kw, count·(oy1 - oy0)·ow), the images side by side in each row, written over `out`
+    /// (a reused buffer of that size).
+    fn im2col_block<T: WithDType>(
+        &self,
+        x: &[T],
+        (b0, count): (usize, usize),
+        (oy0, oy1): (usize, usize),
+        out: &mut [T],
+    ) {
         let (_, ow) = self.out_hw();
         let plane = self.h * self.w;
-        let n = (oy1 - oy0) * ow;
-        for (k, dst) in out.chunks_exact_mut(n).enumerate() {
+        let per_image = (oy1 - oy0) * ow;
+        for (k, dst) in out.chunks_exact_mut(count * per_image).enumerate() {
             let (c, ky, kx) = (k / (self.kh * self.kw), k / self.kw % self.kh, k % self.kw);
-            let src_plane = &x[(b * self.c + c) * plane..][..plane];
-            for (oy, dst) in (oy0..oy1).zip(dst.chunks_exact_mut(ow)) {
-                self.tap_row(src_plane, ky, kx, oy, dst);
+            for (b, dst) in (b0..b0 + count).zip(dst.chunks_exact_mut(per_image)) {
+                let src_plane = &x[(b * self.c + c) * plane..][..plane];
+                for (oy, dst) in (oy0..oy1).zip(dst.chunks_exact_mut(ow)) {
+                    self.tap_row(src_plane, ky, kx, oy, dst);
+                }
             }
         }
+    }
+
+    /// How many whole images of `plane` output pixels one GEMM should take. At the deep levels
+    /// an image has 16-64 pixels, too few for the GEMM's 48-pixel-wide kernels, and every GEMM
+    /// call repacks the whole weight (59 MB per call at SD's 4x4 level), so such images go side
+    /// by side, up to [`GEMM_PIXELS`], in one wider GEMM per weight pack. Larger groups only
+    /// make the im2col block outgrow the cache (eight 16x16 images a GEMM made a training
+    /// step's 16x16 convolutions 1.7x slower). `images` are shared out among the workers
+    /// first, at two groups each where there are enough.
+    pub(super) fn images_per_gemm(k: usize, plane: usize, images: usize, threads: usize) -> usize {
+        let fit = (BAND_VALUES / (k * plane).max(1)).clamp(1, GEMM_PIXELS.div_ceil(plane));
+        let per_worker = if images >= 2 * threads {
+            images / (2 * threads)
+        } else {
+            images
+        };
+        let groups = images.div_ceil(fit.min(per_worker).max(1));
+        images.div_ceil(groups)
     }
 
     /// The adjoint of [`Self::im2col`]: sums each entry back into its input position.
@@ -1951,6 +1986,10 @@ fn gcd(a: usize, b: usize) -> usize {
 /// GEMM's repacking of the weight per band costs little, small enough to stay in cache.
 const BAND_VALUES: usize = 1 << 21;
 
+/// Output pixels (columns) of a convolution's GEMM wide enough that images are not grouped
+/// further (see [`ConvGeom::images_per_gemm`]).
+const GEMM_PIXELS: usize = 256;
+
 /// A pointer that rayon may hand to several workers, for writes to disjoint regions.
 #[derive(Clone, Copy)]
 struct SendPtr<T>(*mut T);
@@ -1997,10 +2036,21 @@ impl ConvOp {
         if rows < oh && rows >= rows_per_64 {
             rows -= rows % rows_per_64;
         }
-        let bands: Vec<(usize, usize)> = (0..g.b)
-            .flat_map(|b| (0..oh).step_by(rows).map(move |oy| (b, oy)))
-            .collect();
         let threads = rayon::current_num_threads();
+        // A band is (first image, images, first output row); several images only when whole
+        // images fit.
+        let images = if rows == oh {
+            ConvGeom::images_per_gemm(k, plane, g.b, threads)
+        } else {
+            1
+        };
+        let bands: Vec<(usize, usize, usize)> = (0..g.b)
+            .step_by(images)
+            .flat_map(|b| {
+                let count = images.min(g.b - b);
+                (0..oh).step_by(rows).map(move |oy| (b, count, oy))
+            })
+            .collect();
         // Enough bands keep every core busy with its own; otherwise the GEMMs are parallel.
         let inner = if bands.len() >= 2 * threads {
             gemm::Parallelism::None
@@ -2008,23 +2058,39 @@ impl ConvOp {
             gemm::Parallelism::Rayon(threads)
         };
         let dst = SendPtr(out.as_mut_ptr());
-        let band = |cols: &mut Vec<T>, &(image, oy0): &(usize, usize)| {
+        let band = |(cols, product): &mut (Vec<T>, Vec<T>),
+                    &(b0, count, oy0): &(usize, usize, usize)| {
             let oy1 = (oy0 + rows).min(oh);
-            let n = (oy1 - oy0) * ow;
+            let n = count * (oy1 - oy0) * ow;
             let cols = &mut cols[..k * n];
-            g.im2col_rows(x, image, oy0, oy1, cols);
-            // SAFETY: `dst` points into `out`, which outlives this call; the band writes output
-            // rows oy0..oy1 of image `image` in every channel (rows apart by `plane`), a region
-            // no other band touches. `w` is (c_out, k) and `cols` (k, n), both row-major.
+            g.im2col_block(x, (b0, count), (oy0, oy1), cols);
+            // One image: the GEMM adds onto its output rows in place, rows apart by `plane`.
+            // Several: their pixels are side by side in the GEMM's columns, which no strides
+            // map onto the (B, C_out, OH, OW) output, so it writes `product` and the images'
+            // blocks are added onto the output from there.
+            let (target, row_stride, read_dst) = if count == 1 {
+                // SAFETY: in bounds: image b0's output rows from oy0.
+                (
+                    unsafe { dst.get().add(b0 * c_out * plane + oy0 * ow) },
+                    plane,
+                    true,
+                )
+            } else {
+                (product[..c_out * n].as_mut_ptr(), n, false)
+            };
+            // SAFETY: `target` is either this band's output rows oy0..oy1 of image b0 in every
+            // channel (rows apart by `plane`), a region no other band touches, in `out`, which
+            // outlives this call; or this worker's own `product` buffer, (c_out, n). `w` is
+            // (c_out, k) and `cols` (k, n), both row-major.
             unsafe {
                 gemm::gemm(
                     c_out,
                     n,
                     k,
-                    dst.get().add(image * c_out * plane + oy0 * ow),
+                    target,
                     1,
-                    plane as isize,
-                    b.is_some(),
+                    row_stride as isize,
+                    read_dst && b.is_some(),
                     w.as_ptr(),
                     1,
                     k as isize,
@@ -2039,13 +2105,39 @@ impl ConvOp {
                     inner,
                 )
             }
+            if count > 1 {
+                for (i, image) in (b0..b0 + count).enumerate() {
+                    for co in 0..c_out {
+                        let src = &product[co * n + i * plane..][..plane];
+                        // SAFETY: image `image`'s plane of channel `co`, which only this band
+                        // writes.
+                        let out = unsafe {
+                            std::slice::from_raw_parts_mut(
+                                dst.get().add((image * c_out + co) * plane),
+                                plane,
+                            )
+                        };
+                        out.iter_mut().zip(src).for_each(|(o, &v)| *o += v);
+                    }
+                }
+            }
         };
-        let buffer = || vec![T::zero(); k * rows * ow];
+        let product_len = if images > 1 {
+            c_out * images * plane
+        } else {
+            0
+        };
+        let buffers = || {
+            (
+                vec![T::zero(); k * rows * ow * images],
+                vec![T::zero(); product_len],
+            )
+        };
         match inner {
-            gemm::Parallelism::None => bands.par_iter().for_each_init(buffer, band),
+            gemm::Parallelism::None => bands.par_iter().for_each_init(buffers, band),
             _ => {
-                let mut cols = buffer();
-                bands.iter().for_each(|b| band(&mut cols, b));
+                let mut buffers = buffers();
+                bands.iter().for_each(|b| band(&mut buffers, b));
             }
         }
         out
@@ -2148,26 +2240,44 @@ impl ConvOp {
         let partial = |images: &[usize]| {
             let mut dw = vec![T::zero(); c_out * k];
             let mut db = vec![T::zero(); if bias { c_out } else { 0 }];
-            let mut cols = vec![T::zero(); k * plane];
-            for &image in images {
-                g.im2col_rows(x, image, 0, oh, &mut cols);
-                let dy = &dy[image * c_out * plane..][..c_out * plane];
-                // SAFETY: dw is (c_out, k), dy (c_out, plane) and cols (k, plane), all
-                // row-major; cols is read as its transpose (plane, k) with strides (1, plane).
+            // Images side by side in one GEMM, as in the forward pass (see
+            // `images_per_gemm`): the GEMM's inner dimension is their pixels.
+            let group = ConvGeom::images_per_gemm(k, plane, images.len(), 1);
+            let mut cols = vec![T::zero(); k * plane * group];
+            let mut dy_group = vec![T::zero(); if group > 1 { c_out * plane * group } else { 0 }];
+            for chunk in images.chunks(group) {
+                let (b0, count) = (chunk[0], chunk.len());
+                let n = count * plane;
+                let cols = &mut cols[..k * n];
+                g.im2col_block(x, (b0, count), (0, oh), cols);
+                let dy = &dy[b0 * c_out * plane..][..count * c_out * plane];
+                // dy in the same column order as `cols`: (c_out, images side by side).
+                let dy_rows: &[T] = if count == 1 {
+                    dy
+                } else {
+                    for (i, image) in dy.chunks_exact(c_out * plane).enumerate() {
+                        for (co, row) in image.chunks_exact(plane).enumerate() {
+                            dy_group[co * n + i * plane..][..plane].copy_from_slice(row);
+                        }
+                    }
+                    &dy_group[..c_out * n]
+                };
+                // SAFETY: dw is (c_out, k), dy_rows (c_out, n) and cols (k, n), all
+                // row-major; cols is read as its transpose (n, k) with strides (1, n).
                 unsafe {
                     gemm::gemm(
                         c_out,
                         k,
-                        plane,
+                        n,
                         dw.as_mut_ptr(),
                         1,
                         k as isize,
                         true,
-                        dy.as_ptr(),
+                        dy_rows.as_ptr(),
                         1,
-                        plane as isize,
+                        n as isize,
                         cols.as_ptr(),
-                        plane as isize,
+                        n as isize,
                         1,
                         T::one(),
                         T::one(),
@@ -2177,8 +2287,10 @@ impl ConvOp {
                         parallelism,
                     )
                 }
-                for (sum, row) in db.iter_mut().zip(dy.chunks(plane)) {
-                    *sum += row.iter().fold(T::zero(), |a, &v| a + v);
+                for image in dy.chunks_exact(c_out * plane) {
+                    for (sum, row) in db.iter_mut().zip(image.chunks(plane)) {
+                        *sum += row.iter().fold(T::zero(), |a, &v| a + v);
+                    }
                 }
             }
             (dw, db)
@@ -2233,6 +2345,7 @@ impl CustomOp2 for ConvOp {
         _res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let _profile = crate::profile::scope("conv2d backward", x.device());
         let (dx, dw, _) = self.bwd_impl(x, w, None, grad)?;
         Ok((Some(dx), Some(dw)))
     }
@@ -2269,6 +2382,7 @@ impl CustomOp3 for ConvOp {
         _res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let _profile = crate::profile::scope("conv2d backward", x.device());
         let (dx, dw, db) = self.bwd_impl(x, w, Some(b), grad)?;
         Ok((Some(dx), Some(dw), db))
     }
@@ -2344,6 +2458,7 @@ impl CustomOp1 for Upsample2x {
     }
 
     fn bwd(&self, _arg: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        let _profile = crate::profile::scope("upsample backward", grad.device());
         Ok(Some(grad.contiguous()?.apply_op1_no_bwd(&Sum2x2)?))
     }
 }
@@ -2840,6 +2955,24 @@ mod tests {
     }
 
     #[test]
+    fn images_per_gemm_groups_small_images() {
+        // SD 1.5's 4x4 level, guidance pair: both images in one GEMM (one weight pack).
+        assert_eq!(ConvGeom::images_per_gemm(11520, 16, 2, 2), 2);
+        // Training batch of 32 on 2 workers: four groups of eight, two per worker.
+        assert_eq!(ConvGeom::images_per_gemm(1152, 16, 32, 2), 8);
+        // Nine images: groups of at most two, the last one shorter.
+        assert_eq!(ConvGeom::images_per_gemm(27, 16, 9, 2), 2);
+        // Images of 256 pixels or more: one each.
+        assert_eq!(ConvGeom::images_per_gemm(576, 256, 32, 2), 1);
+        assert_eq!(ConvGeom::images_per_gemm(2880, 1024, 2, 2), 1);
+        // 8x8 images: four to a GEMM.
+        assert_eq!(ConvGeom::images_per_gemm(1152, 64, 200, 2), 4);
+        // A group's im2col block stays within a band (2^21 values, 11 images of 11520 x 16):
+        // 200 images in 19 groups of at most 11.
+        assert_eq!(ConvGeom::images_per_gemm(11520, 16, 200, 2), 11);
+    }
+
+    #[test]
     fn conv2d_matches_candle_conv() {
         // (input, c_out, kernel, stride, padding) incl. odd sizes and a 1x1 kernel.
         let cases = [
@@ -2848,6 +2981,9 @@ mod tests {
             ([2, 3, 7, 7], 5, 3, 2, 1),
             ([1, 4, 9, 9], 2, 3, 2, 0),
             ([2, 6, 5, 5], 3, 1, 1, 0),
+            // Small images, several to a GEMM, the last GEMM with fewer (see
+            // `images_per_gemm_groups_small_images`).
+            ([9, 3, 4, 4], 4, 3, 1, 1),
         ];
         for (i, (shape, c_out, k, stride, pad)) in cases.into_iter().enumerate() {
             let inputs = [
