@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Makes the shipped default model, models/sd-rs-anime, from nothing but npm packages and sd-rs:
-# render the avatar dataset, train the VAE, train the U-Net and text encoder (two stages), copy
+# render the avatar dataset, train the VAE, train the U-Net and text encoder (four stages), copy
 # the result into models/ (f16 weights) and measure how well it follows prompts.
 #
 # Resumable: run it again after a stop (or in a later session) and every stage continues from
@@ -19,6 +19,10 @@ VAE="$WORK/anime-vae"
 VAE_FT="$WORK/anime-vae-ft"
 MODEL="$WORK/anime"
 MODEL_FT="$WORK/anime-ft"
+DATA_V2="$WORK/avatars"
+MODEL_FT_VAE="$WORK/anime-ft-vae"
+MODEL_GLASSES="$WORK/anime-glasses"
+MODEL_EYEWEAR="$WORK/anime-eyewear"
 mkdir -p "$WORK"
 
 # The shipped model was trained on the data set as it was rendered until 2026-12-06 (three
@@ -28,6 +32,16 @@ if [ ! -f "$DATA_V1/data.jsonl" ]; then
   (cd scripts/avatars && npm ci --no-audit --no-fund)
   node scripts/avatars/render.mjs --out "$DATA_V1" --count 20000 --seed 0 \
     --glasses-variants variant02,variant04,variant05
+fi
+
+# The eyewear stages train on the data set as rendered now ("glasses" is always DiceBear's dark
+# frame variant02), once as rendered and once with the eyewear images repeated.
+if [ ! -f "$DATA_V2/data-eyewear.jsonl" ]; then
+  echo "== rendering the data set into $DATA_V2"
+  (cd scripts/avatars && npm ci --no-audit --no-fund)
+  node scripts/avatars/render.mjs --out "$DATA_V2" --count 20000 --seed 0
+  python3 scripts/balance_captions.py "$DATA_V2" --by glasses --times glasses=2,sunglasses=4 \
+    --out "$DATA_V2/data-eyewear.jsonl"
 fi
 
 # SD_RS_BIN: a prebuilt sd-rs (e.g. a copy kept outside the tree); else build one.
@@ -56,28 +70,46 @@ if [ ! -f "$VAE_FT/config.json" ]; then
     --init "$VAE" --decoder-only --steps 1500 -o "$VAE_FT" --device "$DEVICE" "${resume[@]}"
 fi
 
-# One U-Net and text encoder stage: unet_stage OUT DATA CONFIG [train options...]. `train`
+# One U-Net and text encoder stage: unet_stage OUT CAPTIONS CONFIG [train options...]. `train`
 # writes a usable model folder (model_index.json included) at every validation, so a finished
 # stage is marked by a file written only once its command has returned.
 unet_stage() {
-  local out="$1" data="$2" config="$3"
+  local out="$1" captions="$2" config="$3"
   shift 3
   [ -f "$out/.finished" ] && return
   echo "== training the U-Net and text encoder into $out ($config)"
   resume=(); has_checkpoint "$out" && resume=(--resume)
-  "$SD" train --config "$config" --captions "$data/data.jsonl" -o "$out" --device "$DEVICE" \
+  "$SD" train --config "$config" --captions "$captions" -o "$out" --device "$DEVICE" \
     --save-f16 "$@" "${resume[@]}"
   touch "$out/.finished"
 }
 
-unet_stage "$MODEL" "$DATA_V1" configs/sd-rs-anime/unet.toml --vae "$VAE"
+unet_stage "$MODEL" "$DATA_V1/data.jsonl" configs/sd-rs-anime/unet.toml --vae "$VAE"
 # Second stage: the same U-Net and text encoder trained further from their EMA weights, with
 # a fresh warm-up and cosine decay (see the config for why).
-unet_stage "$MODEL_FT" "$DATA_V1" configs/sd-rs-anime/unet-finetune.toml --model "$MODEL"
+unet_stage "$MODEL_FT" "$DATA_V1/data.jsonl" configs/sd-rs-anime/unet-finetune.toml --model "$MODEL"
+
+# The model shipped until 2026-12-06 (second stage, fine-tuned decoder), which the eyewear
+# stages start from: they encode their latents with its VAE and pass it on.
+if [ ! -f "$MODEL_FT_VAE/model_index.json" ]; then
+  rm -rf "$MODEL_FT_VAE.tmp" && mkdir -p "$MODEL_FT_VAE.tmp/vae"
+  cp -r "$MODEL_FT"/{model_index.json,generation_config.json,unet,text_encoder,tokenizer,scheduler} \
+    "$MODEL_FT_VAE.tmp/"
+  cp "$VAE_FT"/{config.json,diffusion_pytorch_model.safetensors} "$MODEL_FT_VAE.tmp/vae/"
+  mv "$MODEL_FT_VAE.tmp" "$MODEL_FT_VAE"
+fi
+# Third and fourth stages (2026-12-06): tag dropout on the one-frame data set, then the same
+# with the eyewear images repeated (see the two configs). The third stage was run as 2,000
+# steps continued to 5,000 with --resume --steps 5000; in one go the cosine curve differs a
+# little.
+unet_stage "$MODEL_GLASSES" "$DATA_V2/data.jsonl" configs/sd-rs-anime/unet-glasses.toml \
+  --model "$MODEL_FT_VAE" --steps 5000
+unet_stage "$MODEL_EYEWEAR" "$DATA_V2/data-eyewear.jsonl" configs/sd-rs-anime/unet-eyewear.toml \
+  --model "$MODEL_GLASSES"
 
 echo "== copying the model into models/sd-rs-anime"
 rm -rf models/sd-rs-anime.tmp && mkdir -p models/sd-rs-anime.tmp
-cp -r "$MODEL_FT"/{model_index.json,generation_config.json,unet,text_encoder,tokenizer,scheduler} \
+cp -r "$MODEL_EYEWEAR"/{model_index.json,generation_config.json,unet,text_encoder,tokenizer,scheduler} \
   models/sd-rs-anime.tmp/
 # The VAE with the fine-tuned decoder (f32: under 3 MB).
 mkdir -p models/sd-rs-anime.tmp/vae
