@@ -1917,7 +1917,7 @@ impl ConvGeom {
     /// make the im2col block outgrow the cache (eight 16x16 images a GEMM made a training
     /// step's 16x16 convolutions 1.7x slower). `images` are shared out among the workers
     /// first, at two groups each where there are enough.
-    pub(super) fn images_per_gemm(k: usize, plane: usize, images: usize, threads: usize) -> usize {
+    fn images_per_gemm(k: usize, plane: usize, images: usize, threads: usize) -> usize {
         let fit = (BAND_VALUES / (k * plane).max(1)).clamp(1, GEMM_PIXELS.div_ceil(plane));
         let per_worker = if images >= 2 * threads {
             images / (2 * threads)
@@ -2694,8 +2694,8 @@ mod tests {
 
     #[test]
     fn linear_and_attention_match_composed_ops() {
-        // A tiny layer, one large enough for gemm's own blocking and threads, and a tall one
-        // whose weight gradient is summed over row blocks, one per worker (uneven: 801 rows).
+        // A tiny layer, one large enough for gemm's own blocking and threads, and a tall, narrow
+        // one (801 rows of 24), the shape of a training step's layers.
         let cases = [
             (vec![2, 5, 6], 4, 50),
             (vec![3, 70, 300], 130, 53),
