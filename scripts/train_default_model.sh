@@ -89,15 +89,20 @@ unet_stage "$MODEL" "$DATA_V1/data.jsonl" configs/sd-rs-anime/unet.toml --vae "$
 # a fresh warm-up and cosine decay (see the config for why).
 unet_stage "$MODEL_FT" "$DATA_V1/data.jsonl" configs/sd-rs-anime/unet-finetune.toml --model "$MODEL"
 
+# with_decoder SRC DEST: the model SRC with the VAE whose decoder was fine-tuned ($VAE_FT, f32:
+# under 3 MB), written to DEST whole or not at all.
+with_decoder() {
+  local src="$1" dest="$2"
+  rm -rf "$dest.tmp" && mkdir -p "$dest.tmp/vae"
+  cp -r "$src"/{model_index.json,generation_config.json,unet,text_encoder,tokenizer,scheduler} \
+    "$dest.tmp/"
+  cp "$VAE_FT"/{config.json,diffusion_pytorch_model.safetensors} "$dest.tmp/vae/"
+  rm -rf "$dest" && mv "$dest.tmp" "$dest"
+}
+
 # The model shipped until 2026-12-06 (second stage, fine-tuned decoder), which the eyewear
 # stages start from: they encode their latents with its VAE and pass it on.
-if [ ! -f "$MODEL_FT_VAE/model_index.json" ]; then
-  rm -rf "$MODEL_FT_VAE.tmp" && mkdir -p "$MODEL_FT_VAE.tmp/vae"
-  cp -r "$MODEL_FT"/{model_index.json,generation_config.json,unet,text_encoder,tokenizer,scheduler} \
-    "$MODEL_FT_VAE.tmp/"
-  cp "$VAE_FT"/{config.json,diffusion_pytorch_model.safetensors} "$MODEL_FT_VAE.tmp/vae/"
-  mv "$MODEL_FT_VAE.tmp" "$MODEL_FT_VAE"
-fi
+[ -f "$MODEL_FT_VAE/model_index.json" ] || with_decoder "$MODEL_FT" "$MODEL_FT_VAE"
 # Third and fourth stages (2026-12-06): tag dropout on the one-frame data set, then the same
 # with the eyewear images repeated (see the two configs). The third stage was run as 2,000
 # steps continued to 5,000 with --resume --steps 5000; in one go the cosine curve differs a
@@ -108,13 +113,7 @@ unet_stage "$MODEL_EYEWEAR" "$DATA_V2/data-eyewear.jsonl" configs/sd-rs-anime/un
   --model "$MODEL_GLASSES"
 
 echo "== copying the model into models/sd-rs-anime"
-rm -rf models/sd-rs-anime.tmp && mkdir -p models/sd-rs-anime.tmp
-cp -r "$MODEL_EYEWEAR"/{model_index.json,generation_config.json,unet,text_encoder,tokenizer,scheduler} \
-  models/sd-rs-anime.tmp/
-# The VAE with the fine-tuned decoder (f32: under 3 MB).
-mkdir -p models/sd-rs-anime.tmp/vae
-cp "$VAE_FT"/{config.json,diffusion_pytorch_model.safetensors} models/sd-rs-anime.tmp/vae/
-rm -rf models/sd-rs-anime && mv models/sd-rs-anime.tmp models/sd-rs-anime
+with_decoder "$MODEL_EYEWEAR" models/sd-rs-anime
 du -sh models/sd-rs-anime
 
 echo "== measuring prompt following"
