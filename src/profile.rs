@@ -70,17 +70,21 @@ impl Drop for Scope {
         let time = self.start.elapsed();
         OPEN.with(|open| open.set(false));
         RECORDED.with(|recorded| recorded.set(recorded.get() + time));
-        let mut totals = TOTALS.lock().unwrap_or_else(|e| e.into_inner());
-        let total = totals.entry(self.kind).or_default();
-        total.calls += 1;
-        total.time += time;
+        add(self.kind, time);
     }
 }
 
+/// One more call of `kind`, taking `time`.
+fn add(kind: &'static str, time: Duration) {
+    let mut totals = TOTALS.lock().unwrap_or_else(|e| e.into_inner());
+    let total = totals.entry(kind).or_default();
+    total.calls += 1;
+    total.time += time;
+}
+
 /// Runs `work` and charges to `kind` the part of its time that no scope it opened (on this
-/// thread) recorded:
-/// e.g. candle's backward pass, whose layers' gradients are timed by their own scopes, leaving
-/// candle's own ops and its summing of gradients under `kind`. Unlike a scope it leaves the
+/// thread) recorded: e.g. candle's backward pass, whose layers' gradients are timed by their
+/// own scopes, leaving candle's own ops and its summing of gradients under `kind`. Unlike a scope it leaves the
 /// scopes inside it counting.
 pub fn remainder<R>(kind: &'static str, device: &Device, work: impl FnOnce() -> R) -> R {
     if !ENABLED.load(Ordering::Relaxed) || OPEN.with(Cell::get) {
@@ -93,10 +97,7 @@ pub fn remainder<R>(kind: &'static str, device: &Device, work: impl FnOnce() -> 
     let _ = device.synchronize();
     let elapsed = start.elapsed();
     let inside = recorded().saturating_sub(before);
-    let mut totals = TOTALS.lock().unwrap_or_else(|e| e.into_inner());
-    let total = totals.entry(kind).or_default();
-    total.calls += 1;
-    total.time += elapsed.saturating_sub(inside);
+    add(kind, elapsed.saturating_sub(inside));
     out
 }
 
