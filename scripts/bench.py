@@ -121,9 +121,11 @@ def plan(args):
         ),
         "load": dict(label=load_label, model=SD15, **runs["load"]),
     }
-    if args.repeat:
-        for c in cases.values():
+    for c in cases.values():
+        if args.repeat:
             c["repeat"] = args.repeat
+        if args.rounds:
+            c["rounds"] = args.rounds
     return cases
 
 
@@ -890,6 +892,10 @@ def main():
                         "512 cost minutes per tool on 2 cores; 512 on a GPU)")
     p.add_argument("--steps", type=int, default=20, help="denoising steps of the generate case")
     p.add_argument("--repeat", type=int, default=None, help="timed runs per case (default: per case)")
+    p.add_argument("--rounds", type=int, default=None,
+                   help="rounds per case, the tools alternating ABBA (default: 2 for text, train and "
+                        "load on the CPU, else 1); 2 for the slow cases puts both tools in the same "
+                        "stretch of a machine whose speed drifts")
     p.add_argument("--threads", type=int, default=os.cpu_count(), help="threads for both tools (default: nproc)")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
                    help="where both tools run: the CPU, or the first CUDA GPU (sd-rs --device cuda:0)")
