@@ -1,0 +1,92 @@
+//! Times sd-rs's fused linear layer and attention on the shapes of SD 1.5 (CLIP-L's 2 x 77
+//! tokens; the U-Net at 512x512, batch 2), for comparison with PyTorch on the same shapes and
+//! thread count (`scripts/torch_op_shapes.py` prints the same lines):
+//!
+//!     cargo run --release --example op_shapes
+//!     scripts/.venv/bin/python scripts/torch_op_shapes.py
+//!
+//! Inputs are `sin` patterns, so both print the same output means. Each line is the best of
+//! several runs; on a shared machine run the two back to back, more than once.
+use anyhow::Result;
+use candle_core::{Device, Tensor};
+use sd_rs::model::ops;
+use std::time::Instant;
+
+/// (rows, out features, in features): CLIP-L's q/k/v/out, fused q/k/v width, fc1 and fc2 (154
+/// rows: weights stored (in, out), as sd-rs's text encoder keeps them); the U-Net's projections,
+/// GEGLU and feed-forward outputs at its three transformer levels (PyTorch's (out, in)).
+const LINEAR: [(usize, usize, usize); 13] = [
+    (154, 768, 768),
+    (154, 2304, 768),
+    (154, 3072, 768),
+    (154, 768, 3072),
+    (8192, 320, 320),
+    (8192, 2560, 320),
+    (8192, 320, 1280),
+    (2048, 640, 640),
+    (2048, 5120, 640),
+    (2048, 640, 2560),
+    (512, 1280, 1280),
+    (512, 10240, 1280),
+    (512, 1280, 5120),
+];
+
+/// (query tokens, key tokens, head width) with batch 2 and 8 heads: the U-Net's self- and
+/// cross-attention per level.
+const ATTENTION: [(usize, usize, usize); 4] = [
+    (4096, 4096, 40),
+    (4096, 77, 40),
+    (1024, 1024, 80),
+    (256, 256, 160),
+];
+
+fn pattern(len: usize, k: f64) -> Result<Tensor> {
+    Ok((Tensor::arange(0f32, len as f32, &Device::Cpu)? * k)?.sin()?)
+}
+
+fn best_of(runs: usize, mut f: impl FnMut() -> Result<Tensor>) -> Result<(f64, f32)> {
+    let (mut best, mut mean) = (f64::MAX, 0.0);
+    for _ in 0..runs {
+        let t = Instant::now();
+        let out = f()?;
+        best = best.min(t.elapsed().as_secs_f64());
+        mean = out.mean_all()?.to_scalar::<f32>()?;
+    }
+    Ok((best, mean))
+}
+
+fn main() -> Result<()> {
+    // As the sd-rs binary does (src/main.rs): the work runs on a rayon worker.
+    let pool = rayon::ThreadPoolBuilder::new().build()?;
+    println!("threads: {}", pool.current_num_threads());
+    pool.install(|| -> Result<()> {
+        for (m, n, k) in LINEAR {
+            let x = pattern(m * k, 0.37)?.reshape((m, k))?;
+            let w = (pattern(n * k, 0.11)?.reshape((n, k))? * 0.05)?;
+            let b = pattern(n, 0.3)?;
+            let (t, mean) = if m == 154 {
+                let w_t = ops::transpose_2d(&w)?;
+                best_of(8, || Ok(ops::linear_kn(&x, &w_t, Some(&b))?))?
+            } else {
+                best_of(8, || Ok(ops::linear(&x, &w, Some(&b))?))?
+            };
+            let gflops = 2.0 * (m * n * k) as f64 / t / 1e9;
+            println!(
+                "linear m {m:5} n {n:5} k {k:5}: {:8.2} ms {gflops:4.0} GFLOP/s (mean {mean:.5})",
+                t * 1e3
+            );
+        }
+        for (nq, nk, d) in ATTENTION {
+            let q = pattern(16 * nq * d, 0.37)?.reshape((2, 8, nq, d))?;
+            let k = pattern(16 * nk * d, 0.37)?.reshape((2, 8, nk, d))?;
+            let v = pattern(16 * nk * d, 0.23)?.reshape((2, 8, nk, d))?;
+            let scale = 1.0 / (d as f64).sqrt();
+            let (t, mean) = best_of(4, || Ok(ops::attention(&q, &k, &v, scale)?))?;
+            println!(
+                "attention q {nq:5} k {nk:5} d {d:4}: {:8.2} ms (mean {mean:.5})",
+                t * 1e3
+            );
+        }
+        Ok(())
+    })
+}
