@@ -14,8 +14,9 @@ use std::time::Instant;
 
 /// (rows, out features, in features): CLIP-L's q/k/v/out, fused q/k/v width, fc1 and fc2 (154
 /// rows: weights stored (in, out), as sd-rs's text encoder keeps them); the U-Net's projections,
-/// GEGLU and feed-forward outputs at its three transformer levels (PyTorch's (out, in)).
-const LINEAR: [(usize, usize, usize); 13] = [
+/// GEGLU and feed-forward outputs at its three transformer levels at 512x512, then at 256x256
+/// (PyTorch's (out, in)).
+const LINEAR: [(usize, usize, usize); 22] = [
     (154, 768, 768),
     (154, 2304, 768),
     (154, 3072, 768),
@@ -29,6 +30,15 @@ const LINEAR: [(usize, usize, usize); 13] = [
     (512, 1280, 1280),
     (512, 10240, 1280),
     (512, 1280, 5120),
+    (2048, 320, 320),
+    (2048, 2560, 320),
+    (2048, 320, 1280),
+    (512, 640, 640),
+    (512, 5120, 640),
+    (512, 640, 2560),
+    (128, 1280, 1280),
+    (128, 10240, 1280),
+    (128, 1280, 5120),
 ];
 
 /// (query tokens, key tokens, head width) with batch 2 and 8 heads: the U-Net's self- and
