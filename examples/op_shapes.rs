@@ -67,6 +67,8 @@ fn best_of(runs: usize, mut f: impl FnMut() -> Result<Tensor>) -> Result<(f64, f
 
 fn main() -> Result<()> {
     // As the sd-rs binary does (src/main.rs): the work runs on a rayon worker.
+    // `--kn`: every layer's weight stored (in, out), to see what that layout would give the U-Net.
+    let kn_everywhere = std::env::args().any(|a| a == "--kn");
     let pool = rayon::ThreadPoolBuilder::new().build()?;
     println!("threads: {}", pool.current_num_threads());
     pool.install(|| -> Result<()> {
@@ -74,7 +76,7 @@ fn main() -> Result<()> {
             let x = pattern(m * k, 0.37)?.reshape((m, k))?;
             let w = (pattern(n * k, 0.11)?.reshape((n, k))? * 0.05)?;
             let b = pattern(n, 0.3)?;
-            let (t, mean) = if m == 154 {
+            let (t, mean) = if m == 154 || kn_everywhere {
                 let w_t = ops::transpose_2d(&w)?;
                 best_of(8, || Ok(ops::linear_kn(&x, &w_t, Some(&b))?))?
             } else {
