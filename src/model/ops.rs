@@ -357,14 +357,6 @@ fn cpu_tensor<T: WithDType>(data: Vec<T>, shape: impl Into<Shape>) -> Result<Ten
     Tensor::from_vec(data, shape, &Device::Cpu)
 }
 
-/// Sums the rows of a (m, n) matrix: a (1, m) x (m, n) GEMM.
-fn sum_rows(x: &Tensor) -> Result<Tensor> {
-    let (m, n) = x.dims2()?;
-    Tensor::ones((1, m), x.dtype(), x.device())?
-        .matmul(x)?
-        .reshape(n)
-}
-
 // ---------------------------------------------------------------------------------------------
 // GroupNorm (+ SiLU)
 // ---------------------------------------------------------------------------------------------
@@ -1689,20 +1681,147 @@ impl LinearOp {
         grad: &Tensor,
         bias: bool,
     ) -> Result<(Tensor, Tensor, Option<Tensor>)> {
-        // (n, k), PyTorch's layout, as a view when stored transposed.
-        let w_nk = if self.weight_kn { w.t()? } else { w.clone() };
-        let (n, k) = w_nk.dims2()?;
-        let m = x.elem_count() / k;
-        let dy = grad.contiguous()?.reshape((m, n))?.detach();
-        let xs = x.detach().reshape((m, k))?;
-        let dx = dy.matmul(&w_nk.detach())?.reshape(x.shape())?;
-        let dw = if self.weight_kn {
-            xs.t()?.matmul(&dy)?
-        } else {
-            dy.t()?.matmul(&xs)?
+        let k = *x.dims().last().unwrap_or(&0);
+        dispatch_dtype!("linear-bwd", x.dtype(), T => {
+            let (dx, dw, db) = with_data::<T, _>(&[x, w, grad], |d| {
+                Ok(self.bwd_slices(d[0], d[1], d[2], k, bias))
+            })?;
+            let dx = cpu_tensor(dx, x.shape())?;
+            let dw = cpu_tensor(dw, w.shape())?;
+            let db = match db {
+                Some(db) => {
+                    let len = db.len();
+                    Some(cpu_tensor(db, len)?)
+                }
+                None => None,
+            };
+            Ok((dx, dw, db))
+        })
+    }
+
+    /// The backward pass as GEMMs on the slices: dx = dy w, and dw = dy^T x (or x^T dy where
+    /// the weight is stored (k, n)) with db = the column sums of dy. A training step's layers
+    /// have thousands of rows and a few dozen to hundreds of channels: gemm parallelises over
+    /// its output, which for dw is then too small to share, so tall inputs are split into row
+    /// blocks, one per worker, whose partial sums are added at the end. (candle's `matmul` did
+    /// dw in one GEMM and zero-filled every output on one thread first.)
+    fn bwd_slices<T: WithDType>(
+        &self,
+        x: &[T],
+        w: &[T],
+        dy: &[T],
+        k: usize,
+        bias: bool,
+    ) -> (Vec<T>, Vec<T>, Option<Vec<T>>) {
+        let n = w.len() / k.max(1);
+        let m = x.len() / k.max(1);
+        let threads = rayon::current_num_threads();
+        let parallel = |threads: usize| {
+            if threads > 1 {
+                gemm::Parallelism::Rayon(threads)
+            } else {
+                gemm::Parallelism::None
+            }
         };
-        let db = if bias { Some(sum_rows(&dy)?) } else { None };
-        Ok((dx, dw, db))
+        // w as the (n, k) matrix in (column, row) strides: stored (n, k), or (k, n) read
+        // transposed.
+        let (w_cs, w_rs) = if self.weight_kn {
+            (n as isize, 1)
+        } else {
+            (1, k as isize)
+        };
+        let mut dx = zeros(m * k);
+        if m * n * k > 0 {
+            // SAFETY: dx is (m, k), dy (m, n), both row-major, and w (n, k) with the strides
+            // above.
+            unsafe {
+                gemm::gemm(
+                    m,
+                    k,
+                    n,
+                    dx.as_mut_ptr(),
+                    1,
+                    k as isize,
+                    false,
+                    dy.as_ptr(),
+                    1,
+                    n as isize,
+                    w.as_ptr(),
+                    w_cs,
+                    w_rs,
+                    T::zero(),
+                    T::one(),
+                    false,
+                    false,
+                    false,
+                    parallel(threads),
+                )
+            }
+        }
+        // Rows r0..r1's share of dw (in its stored layout) and db.
+        let partial = |(r0, r1): (usize, usize), parallelism: gemm::Parallelism| {
+            let mut dw = vec![T::zero(); n * k];
+            let mut db = vec![T::zero(); if bias { n } else { 0 }];
+            let rows = r1 - r0;
+            let (x, dy) = (&x[r0 * k..r1 * k], &dy[r0 * n..r1 * n]);
+            if rows * n * k > 0 {
+                // dw (n, k) = dy^T x, dy^T read from dy with strides (n, 1); or dw (k, n) =
+                // x^T dy, x^T read from x with strides (k, 1).
+                let (dst_m, dst_n, lhs, lhs_cs, rhs, rhs_rs) = if self.weight_kn {
+                    (k, n, x, k, dy, n)
+                } else {
+                    (n, k, dy, n, x, k)
+                };
+                // SAFETY: dw is (dst_m, dst_n) row-major; lhs is (dst_m, rows) with the
+                // strides above and rhs (rows, dst_n) row-major, both within the row block.
+                unsafe {
+                    gemm::gemm(
+                        dst_m,
+                        dst_n,
+                        rows,
+                        dw.as_mut_ptr(),
+                        1,
+                        dst_n as isize,
+                        false,
+                        lhs.as_ptr(),
+                        lhs_cs as isize,
+                        1,
+                        rhs.as_ptr(),
+                        1,
+                        rhs_rs as isize,
+                        T::zero(),
+                        T::one(),
+                        false,
+                        false,
+                        false,
+                        parallelism,
+                    )
+                }
+            }
+            for row in dy.chunks_exact(n.max(1)) {
+                db.iter_mut().zip(row).for_each(|(s, &v)| *s += v);
+            }
+            (dw, db)
+        };
+        // Tall and narrow: row blocks per worker; otherwise one GEMM shared by the workers.
+        let (dw, db) = if threads > 1 && m >= 4 * n.max(k) {
+            let block = m.div_ceil(threads);
+            let add = |mut a: Vec<T>, b: Vec<T>| {
+                a.iter_mut().zip(b).for_each(|(a, b)| *a += b);
+                a
+            };
+            (0..threads)
+                .into_par_iter()
+                .map(|i| {
+                    let rows = ((i * block).min(m), ((i + 1) * block).min(m));
+                    partial(rows, gemm::Parallelism::None)
+                })
+                .reduce_with(|(dw1, db1), (dw2, db2)| (add(dw1, dw2), add(db1, db2)))
+                .unwrap_or_else(|| partial((0, 0), gemm::Parallelism::None))
+        } else {
+            partial((0, m), parallel(threads))
+        };
+        (dx, dw, bias.then_some(db))
     }
 }
 
