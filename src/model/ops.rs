@@ -2342,10 +2342,14 @@ impl ConvOp {
         let (c_out, _, kh, kw) = w.dims4()?;
         let k = g.c * kh * kw;
         let n = g.b * oh * ow;
+        // Profiled in two parts: their costs differ by level and stride.
         dispatch_dtype!("conv2d-bwd", x.dtype(), T => {
+            let profile = crate::profile::scope("conv2d backward: weight", x.device());
             let (dw, db) = with_data::<T, _>(&[grad, x], |d| {
                 Ok(self.weight_grad(d[1], d[0], c_out, b.is_some()))
             })?;
+            drop(profile);
+            let _profile = crate::profile::scope("conv2d backward: input", x.device());
             let pads_fit = g.pad[..2].iter().all(|&p| p < kh) && g.pad[2..].iter().all(|&p| p < kw);
             let dx = if g.stride == 1 && pads_fit {
                 with_data::<T, _>(&[grad, w], |d| Ok(self.input_grad_stride1(d[0], d[1], c_out)))?
@@ -2498,7 +2502,6 @@ impl CustomOp2 for ConvOp {
         _res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let _profile = crate::profile::scope("conv2d backward", x.device());
         let (dx, dw, _) = self.bwd_impl(x, w, None, grad)?;
         Ok((Some(dx), Some(dw)))
     }
@@ -2535,7 +2538,6 @@ impl CustomOp3 for ConvOp {
         _res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let _profile = crate::profile::scope("conv2d backward", x.device());
         let (dx, dw, db) = self.bwd_impl(x, w, Some(b), grad)?;
         Ok((Some(dx), Some(dw), db))
     }
