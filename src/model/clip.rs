@@ -18,10 +18,11 @@ use serde::Deserialize;
 use std::path::Path;
 
 // The differentiable LayerNorm shared with the U-Net (candle's fused one has no backward).
-use super::layers::LayerNorm;
+use super::layers::{swap, LayerNorm};
 // On the CPU in f32 its forward and backward are one fused GEMM node (`ops::linear`).
 use super::layers::Linear;
 use super::ops;
+use crate::profile;
 
 /// The activation between the two MLP layers (transformers' `hidden_act`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize)]
@@ -210,19 +211,19 @@ impl ClipAttention {
     /// `causal_mask` is (L, L): 0 where a query may look, -inf above the diagonal.
     fn forward(&self, xs: &Tensor, causal_mask: &Tensor) -> Result<Tensor> {
         let (b, l, d) = xs.dims3()?;
-        let heads = |t: Tensor| -> Result<Tensor> {
-            Ok(t.reshape((b, l, self.num_heads, self.head_dim))?
-                .transpose(1, 2)?
-                .contiguous()?)
-        };
+        let (h, hd) = (self.num_heads, self.head_dim);
+        let heads = |t: Tensor| -> Result<Tensor> { Ok(swap(&t, (b, l, h, hd), &[b, h, l, hd])?) };
         let q = heads(self.q_proj.forward(xs)?)?;
         let k = heads(self.k_proj.forward(xs)?)?;
         let v = heads(self.v_proj.forward(xs)?)?;
         let scale = (self.head_dim as f64).powf(-0.5);
         if crate::model::ops::applies(&q) {
             // One fused node (the mask applied inside): no (L, L) score tensors per head.
-            let out = crate::model::ops::causal_attention(&q, &k, &v, scale)?;
-            let out = out.transpose(1, 2)?.contiguous()?.reshape((b, l, d))?;
+            let out = {
+                let _profile = profile::scope("attention (scores, softmax, values)", q.device());
+                crate::model::ops::causal_attention(&q, &k, &v, scale)?
+            };
+            let out = swap(&out, (b, h, l, hd), &[b, l, d])?;
             return Ok(self.out_proj.forward(&out)?);
         }
         let scores = (q.matmul(&k.t()?)? * scale)?.broadcast_add(causal_mask)?;

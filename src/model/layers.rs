@@ -35,7 +35,11 @@ pub fn silu(x: &Tensor) -> Result<Tensor> {
 
 /// Views `x` as (A, P, Q, R), swaps P and Q, and reshapes to `out`: the layout changes between
 /// feature maps, tokens and heads. One fused node on the CPU.
-fn swap(x: &Tensor, view: (usize, usize, usize, usize), out: &[usize]) -> Result<Tensor> {
+pub(crate) fn swap(
+    x: &Tensor,
+    view: (usize, usize, usize, usize),
+    out: &[usize],
+) -> Result<Tensor> {
     let _profile = profile::scope("transpose (channels <-> tokens, heads)", x.device());
     if ops::applies(x) {
         ops::swap_dims(x, view, out)
