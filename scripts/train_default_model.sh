@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Makes the shipped default model, models/sd-rs-anime, from nothing but npm packages and sd-rs:
-# render the avatar dataset, train the VAE, train the U-Net and text encoder (four stages), copy
+# render the avatar dataset, train the VAE, train the U-Net and text encoder (five stages), copy
 # the result into models/ (f16 weights) and measure how well it follows prompts.
 #
 # Resumable: run it again after a stop (or in a later session) and every stage continues from
@@ -23,6 +23,7 @@ DATA_V2="$WORK/avatars"
 MODEL_FT_VAE="$WORK/anime-ft-vae"
 MODEL_GLASSES="$WORK/anime-glasses"
 MODEL_EYEWEAR="$WORK/anime-eyewear"
+MODEL_TAGS="$WORK/anime-tags"
 mkdir -p "$WORK"
 
 # The shipped model was trained on the data set as it was rendered until 2026-12-06 (three
@@ -111,9 +112,12 @@ unet_stage "$MODEL_GLASSES" "$DATA_V2/data.jsonl" configs/sd-rs-anime/unet-glass
   --model "$MODEL_FT_VAE" --steps 5000
 unet_stage "$MODEL_EYEWEAR" "$DATA_V2/data-eyewear.jsonl" configs/sd-rs-anime/unet-eyewear.toml \
   --model "$MODEL_GLASSES"
+# Fifth stage (2026-12-06, night): the same captions with far less tag dropout.
+unet_stage "$MODEL_TAGS" "$DATA_V2/data-eyewear.jsonl" configs/sd-rs-anime/unet-tags.toml \
+  --model "$MODEL_EYEWEAR"
 
 echo "== copying the model into models/sd-rs-anime"
-with_decoder "$MODEL_EYEWEAR" models/sd-rs-anime
+with_decoder "$MODEL_TAGS" models/sd-rs-anime
 du -sh models/sd-rs-anime
 
 echo "== measuring prompt following"
