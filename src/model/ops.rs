@@ -1653,8 +1653,7 @@ impl LinearOp {
                 let j0 = p * width;
                 columns(dst, j0, width.min(n - j0), gemm::Parallelism::None)
             }),
-            None if threads > 1 => columns(dst, 0, n, gemm::Parallelism::Rayon(threads)),
-            None => columns(dst, 0, n, gemm::Parallelism::None),
+            None => columns(dst, 0, n, gemm_threads(threads)),
         }
         Ok(out)
     }
@@ -1688,13 +1687,12 @@ impl LinearOp {
             })?;
             let dx = cpu_tensor(dx, x.shape())?;
             let dw = cpu_tensor(dw, w.shape())?;
-            let db = match db {
-                Some(db) => {
+            let db = db
+                .map(|db| {
                     let len = db.len();
-                    Some(cpu_tensor(db, len)?)
-                }
-                None => None,
-            };
+                    cpu_tensor(db, len)
+                })
+                .transpose()?;
             Ok((dx, dw, db))
         })
     }
@@ -1716,13 +1714,6 @@ impl LinearOp {
         let n = w.len() / k.max(1);
         let m = x.len() / k.max(1);
         let threads = rayon::current_num_threads();
-        let parallel = |threads: usize| {
-            if threads > 1 {
-                gemm::Parallelism::Rayon(threads)
-            } else {
-                gemm::Parallelism::None
-            }
-        };
         // w as the (n, k) matrix in (column, row) strides: stored (n, k), or (k, n) read
         // transposed.
         let (w_cs, w_rs) = if self.weight_kn {
@@ -1754,7 +1745,7 @@ impl LinearOp {
                     false,
                     false,
                     false,
-                    parallel(threads),
+                    gemm_threads(threads),
                 )
             }
         }
@@ -1819,7 +1810,7 @@ impl LinearOp {
                 .reduce_with(|(dw1, db1), (dw2, db2)| (add(dw1, dw2), add(db1, db2)))
                 .unwrap_or_else(|| partial((0, 0), gemm::Parallelism::None))
         } else {
-            partial((0, m), parallel(threads))
+            partial((0, m), gemm_threads(threads))
         };
         (dx, dw, bias.then_some(db))
     }
@@ -2143,6 +2134,15 @@ const BAND_VALUES: usize = 1 << 21;
 /// further (see [`ConvGeom::images_per_gemm`]).
 const GEMM_PIXELS: usize = 256;
 
+/// gemm's own parallel split over `threads` workers, or none for one.
+fn gemm_threads(threads: usize) -> gemm::Parallelism {
+    if threads > 1 {
+        gemm::Parallelism::Rayon(threads)
+    } else {
+        gemm::Parallelism::None
+    }
+}
+
 /// A pointer that rayon may hand to several workers, for writes to disjoint regions.
 #[derive(Clone, Copy)]
 struct SendPtr<T>(*mut T);
@@ -2363,10 +2363,7 @@ impl ConvOp {
             };
             let dx = cpu_tensor(dx, (g.b, g.c, g.h, g.w))?;
             let dw = cpu_tensor(dw, w.shape())?;
-            let db = match db {
-                Some(db) => Some(cpu_tensor(db, c_out)?),
-                None => None,
-            };
+            let db = db.map(|db| cpu_tensor(db, c_out)).transpose()?;
             Ok((dx, dw, db))
         })
     }
