@@ -1797,17 +1797,13 @@ impl LinearOp {
         // Tall and narrow: row blocks per worker; otherwise one GEMM shared by the workers.
         let (dw, db) = if threads > 1 && m >= 4 * n.max(k) {
             let block = m.div_ceil(threads);
-            let add = |mut a: Vec<T>, b: Vec<T>| {
-                a.iter_mut().zip(b).for_each(|(a, b)| *a += b);
-                a
-            };
             (0..threads)
                 .into_par_iter()
                 .map(|i| {
                     let rows = ((i * block).min(m), ((i + 1) * block).min(m));
                     partial(rows, gemm::Parallelism::None)
                 })
-                .reduce_with(|(dw1, db1), (dw2, db2)| (add(dw1, dw2), add(db1, db2)))
+                .reduce_with(|(dw1, db1), (dw2, db2)| (add_into(dw1, dw2), add_into(db1, db2)))
                 .unwrap_or_else(|| partial((0, 0), gemm::Parallelism::None))
         } else {
             partial((0, m), gemm_threads(threads))
@@ -2134,6 +2130,12 @@ const BAND_VALUES: usize = 1 << 21;
 /// further (see [`ConvGeom::images_per_gemm`]).
 const GEMM_PIXELS: usize = 256;
 
+/// `a + b` elementwise, in `a`'s buffer: the workers' partial sums of a weight gradient.
+fn add_into<T: WithDType>(mut a: Vec<T>, b: Vec<T>) -> Vec<T> {
+    a.iter_mut().zip(b).for_each(|(a, b)| *a += b);
+    a
+}
+
 /// gemm's own parallel split over `threads` workers, or none for one.
 fn gemm_threads(threads: usize) -> gemm::Parallelism {
     if threads > 1 {
@@ -2450,14 +2452,10 @@ impl ConvOp {
             (dw, db)
         };
         let images: Vec<usize> = (0..g.b).collect();
-        let add = |mut a: Vec<T>, b: Vec<T>| {
-            a.iter_mut().zip(b).for_each(|(a, b)| *a += b);
-            a
-        };
         let (dw, db) = images
             .par_chunks(g.b.div_ceil(threads).max(1))
             .map(&partial)
-            .reduce_with(|(dw1, db1), (dw2, db2)| (add(dw1, dw2), add(db1, db2)))
+            .reduce_with(|(dw1, db1), (dw2, db2)| (add_into(dw1, dw2), add_into(db1, db2)))
             .unwrap_or_else(|| partial(&[]));
         (dw, bias.then_some(db))
     }
