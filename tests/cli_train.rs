@@ -1063,6 +1063,11 @@ fn scratch_model_carries_its_sampling_defaults() {
         defaults,
         serde_json::json!({"num_inference_steps": 20, "guidance_scale": 4.0, "sampler": "euler"})
     );
+    // Its config does not set clip_sample, whose DDPM/DDIM default (true) would clip the
+    // predicted latents to [-1, 1]; the new model's scheduler turns it off.
+    let scheduler = std::fs::read_to_string(r.out.join("scheduler/scheduler_config.json")).unwrap();
+    let scheduler: serde_json::Value = serde_json::from_str(&scheduler).unwrap();
+    assert_eq!(scheduler["clip_sample"], serde_json::json!(false));
     let png = scratch("sampling_defaults").join("red.png");
     ok(&[
         "generate",

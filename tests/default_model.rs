@@ -124,6 +124,18 @@ fn readme_first_command_makes_an_anime_girl_with_red_hair() {
 /// Runs `generate` for `count` images of `prompt` from `seed` (one batch) into `dir/name` and
 /// returns the images' paths in order.
 fn generate(dir: &Path, name: &str, prompt: &str, seed: u64, count: usize) -> Vec<PathBuf> {
+    generate_with(dir, name, prompt, seed, count, &[])
+}
+
+/// [`generate`] with more command-line options.
+fn generate_with(
+    dir: &Path,
+    name: &str,
+    prompt: &str,
+    seed: u64,
+    count: usize,
+    options: &[&str],
+) -> Vec<PathBuf> {
     let out = dir.join(name);
     let (seed_arg, count_arg) = (seed.to_string(), count.to_string());
     let out_arg = out.display().to_string();
@@ -136,7 +148,7 @@ fn generate(dir: &Path, name: &str, prompt: &str, seed: u64, count: usize) -> Ve
         &count_arg,
     ];
     let batch = ["--batch-size", &count_arg, "-o", &out_arg];
-    sd_rs(dir, &[&args[..], &batch[..]].concat()).ok();
+    sd_rs(dir, &[&args[..], &batch[..], options].concat()).ok();
     let mut files: Vec<PathBuf> = std::fs::read_dir(&out)
         .unwrap()
         .map(|e| e.unwrap().path())
@@ -159,6 +171,30 @@ fn prompted_hair_colours_are_drawn() {
             println!("{name} hair: {} -> {seen}", file.display());
             if seen != name {
                 wrong.push(format!("{}: {seen}", file.display()));
+            }
+        }
+    }
+    assert!(wrong.is_empty(), "wrong hair colour: {wrong:?}");
+}
+
+/// Every sampler draws the prompted hair colour, not only the model's default (Euler). DDPM and
+/// DDIM clip their predicted x0 to [-1, 1] unless the scheduler config says `clip_sample:
+/// false`, which made them draw noisy brown heads on a tinted background with this model.
+#[test]
+fn every_sampler_draws_the_prompted_hair_colour() {
+    let dir = temp_dir("samplers");
+    let colours = hair_colours();
+    let mut wrong = Vec::new();
+    for sampler in ["ddpm", "ddim", "euler-a", "dpm++2m"] {
+        for name in ["blue", "green"] {
+            let prompt = format!("anime girl, {name} hair");
+            let out = format!("{}-{name}", sampler.replace('+', "p"));
+            for file in generate_with(&dir, &out, &prompt, 100, 2, &["--sampler", sampler]) {
+                let seen = hair_colour_of(&image::open(&file).unwrap().to_rgb8(), &colours);
+                println!("{sampler}, {name} hair: {} -> {seen}", file.display());
+                if seen != name {
+                    wrong.push(format!("{sampler}: {}: {seen}", file.display()));
+                }
             }
         }
     }

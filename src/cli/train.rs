@@ -520,13 +520,18 @@ fn components(
     if text_config.architectures.is_empty() {
         text_config.architectures = vec!["CLIPTextModel".into()];
     }
+    // DDPM and DDIM clip their predicted x0 to [-1, 1] when the config does not say otherwise
+    // (diffusers' default, made for pixel-space models); a latent model's x0 is not in that
+    // range, so a new model's config says so unless the user asked for clipping.
+    let mut scheduler = scratch.scheduler.clone();
+    scheduler.clip_sample.get_or_insert(false);
     Ok(Components {
         tokenizer,
         tokenizer_dir,
         text_config,
         unet_config: scratch.unet.clone(),
         vae_dir,
-        scheduler: scratch.scheduler.clone(),
+        scheduler,
         init: None,
     })
 }
