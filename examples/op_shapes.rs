@@ -50,6 +50,25 @@ const ATTENTION: [(usize, usize, usize); 4] = [
     (256, 256, 160),
 ];
 
+/// (batch, channels in, height, width, channels out) of 3x3 convolutions: the U-Net's levels at
+/// 512x512 and 256x256 (batch 2), the VAE decoder's at 512x512 (its 512x512 level, 2^25 values, is beyond the exact f32 `arange` of the inputs), the small default model's
+/// U-Net in training (batch 32). GFLOP/s count the direct convolution's multiply-adds.
+const CONV: [(usize, usize, usize, usize, usize); 13] = [
+    (2, 320, 64, 64, 320),
+    (2, 640, 32, 32, 640),
+    (2, 1280, 16, 16, 1280),
+    (2, 1280, 8, 8, 1280),
+    (2, 320, 32, 32, 320),
+    (2, 640, 16, 16, 640),
+    (1, 512, 64, 64, 512),
+    (1, 512, 128, 128, 512),
+    (1, 256, 256, 256, 256),
+    (1, 128, 256, 256, 128),
+    (32, 64, 16, 16, 64),
+    (32, 192, 16, 16, 64),
+    (32, 128, 8, 8, 128),
+];
+
 fn pattern(len: usize, k: f64) -> Result<Tensor> {
     Ok((Tensor::arange(0f32, len as f32, &Device::Cpu)? * k)?.sin()?)
 }
@@ -69,10 +88,17 @@ fn main() -> Result<()> {
     // As the sd-rs binary does (src/main.rs): the work runs on a rayon worker.
     // `--kn`: every layer's weight stored (in, out), to see what that layout would give the U-Net.
     let kn_everywhere = std::env::args().any(|a| a == "--kn");
+    // `--only linear|conv|attention`: one table.
+    let args: Vec<String> = std::env::args().collect();
+    let only = args
+        .iter()
+        .position(|a| a == "--only")
+        .and_then(|i| args.get(i + 1));
+    let wanted = |table: &str| only.is_none_or(|o| o == table);
     let pool = rayon::ThreadPoolBuilder::new().build()?;
     println!("threads: {}", pool.current_num_threads());
     pool.install(|| -> Result<()> {
-        for (m, n, k) in LINEAR {
+        for (m, n, k) in LINEAR.into_iter().filter(|_| wanted("linear")) {
             let x = pattern(m * k, 0.37)?.reshape((m, k))?;
             let w = (pattern(n * k, 0.11)?.reshape((n, k))? * 0.05)?;
             let b = pattern(n, 0.3)?;
@@ -88,7 +114,45 @@ fn main() -> Result<()> {
                 t * 1e3
             );
         }
-        for (nq, nk, d) in ATTENTION {
+        let case = args
+            .iter()
+            .position(|a| a == "--case")
+            .and_then(|i| args.get(i + 1)?.parse::<usize>().ok());
+        for (i, (b, c, h, w, c_out)) in CONV.into_iter().enumerate().filter(|_| wanted("conv")) {
+            if case.is_some_and(|case| case != i) {
+                continue;
+            }
+            let x = pattern(b * c * h * w, 0.37)?.reshape((b, c, h, w))?;
+            let weight = (pattern(c_out * c * 9, 0.11)?.reshape((c_out, c, 3, 3))? * 0.05)?;
+            let bias = pattern(c_out, 0.3)?;
+            let gflop = 2.0 * (b * h * w * c_out * c * 9) as f64 / 1e9;
+            let mut line = format!("conv b {b:2} c {c:4} {h:3}x{w:<3} -> {c_out:4}:");
+            // im2col + GEMM; Winograd transforming the kernels in every call (training);
+            // Winograd with the kernels transformed once (inference).
+            for (name, winograd, keep) in [
+                ("im2col", false, false),
+                ("winograd", true, false),
+                ("kept", true, true),
+            ] {
+                ops::set_winograd(winograd);
+                let kernels = std::sync::OnceLock::new();
+                let run = || {
+                    Ok(if keep {
+                        ops::conv2d_fixed_weights(&x, &weight, Some(&bias), 1, [1; 4], &kernels)?
+                    } else {
+                        ops::conv2d(&x, &weight, Some(&bias), 1, [1; 4])?
+                    })
+                };
+                let (t, mean) = best_of(if gflop > 20.0 { 3 } else { 6 }, run)?;
+                line += &format!(
+                    " {name} {:7.2} ms {:4.0} GFLOP/s (mean {mean:.5})",
+                    t * 1e3,
+                    gflop / t
+                );
+            }
+            println!("{line}");
+        }
+        for (nq, nk, d) in ATTENTION.into_iter().filter(|_| wanted("attention")) {
             let q = pattern(16 * nq * d, 0.37)?.reshape((2, 8, nq, d))?;
             let k = pattern(16 * nk * d, 0.37)?.reshape((2, 8, nk, d))?;
             let v = pattern(16 * nk * d, 0.23)?.reshape((2, 8, nk, d))?;

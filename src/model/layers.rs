@@ -128,6 +128,9 @@ pub struct Conv2d {
     stride: usize,
     padding: usize,
     composed: candle_nn::Conv2d,
+    /// Weights loaded for inference (not trained variables): their Winograd transform, made on
+    /// first use (see [`ops::conv2d_fixed_weights`]).
+    winograd: OnceLock<Tensor>,
 }
 
 impl Conv2d {
@@ -154,8 +157,12 @@ impl Module for Conv2d {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let _profile = profile::scope("conv2d", x.device());
         if ops::applies(x) {
-            let p = self.padding;
-            ops::conv2d(x, &self.weight, self.bias.as_ref(), self.stride, [p; 4])
+            let (p, bias) = ([self.padding; 4], self.bias.as_ref());
+            if self.weight.is_variable() {
+                ops::conv2d(x, &self.weight, bias, self.stride, p)
+            } else {
+                ops::conv2d_fixed_weights(x, &self.weight, bias, self.stride, p, &self.winograd)
+            }
         } else if self.weight.dtype() == x.dtype() {
             self.composed.forward(x)
         } else {
@@ -187,6 +194,7 @@ pub fn conv2d(
         stride,
         padding,
         composed,
+        winograd: OnceLock::new(),
     })
 }
 

@@ -26,6 +26,9 @@ use candle_core::{bail, CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layo
 use candle_core::{Device, Shape, Storage, Tensor, WithDType, D};
 use rayon::prelude::*;
 
+mod winograd;
+pub use winograd::set_enabled as set_winograd;
+
 /// 0: not decided yet (read `SD_RS_FUSED_CPU_OPS` on first use), 1: on, 2: off.
 static ENABLED: AtomicU8 = AtomicU8::new(0);
 
@@ -2177,6 +2180,10 @@ impl ConvOp {
         let (oh, ow) = g.out_hw();
         let k = g.c * g.kh * g.kw;
         let c_out = w.len() / k;
+        let dims = (g.b, g.c, g.h, g.w);
+        if winograd::applies(dims, (g.kh, g.kw), g.stride, g.pad, false) {
+            return winograd::conv3x3(x, w, b, dims, c_out);
+        }
         let plane = oh * ow;
         let mut out = filled_planes(g.b * c_out * plane, plane, |i| match b {
             Some(bias) => bias[i % c_out],
@@ -2571,6 +2578,96 @@ pub fn conv2d(
     match bias {
         Some(bias) => x.apply_op3(&weight, &bias.contiguous()?, op),
         None => x.apply_op2(&weight, op),
+    }
+}
+
+/// A 3x3 convolution (stride 1, padding 1, with bias) whose kernels were transformed once by
+/// [`winograd_kernels`]: forward only, for inference (see [`conv2d_fixed_weights`]).
+struct WinogradOp {
+    dims: (usize, usize, usize, usize),
+    c_out: usize,
+}
+
+impl CustomOp3 for WinogradOp {
+    fn name(&self) -> &'static str {
+        "winograd-conv3x3"
+    }
+
+    fn cpu_fwd(
+        &self,
+        xs: &CpuStorage,
+        xl: &Layout,
+        us: &CpuStorage,
+        ul: &Layout,
+        bs: &CpuStorage,
+        bl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (b, c, h, w) = self.dims;
+        if xl.dims() != [b, c, h, w] || ul.dims() != [16, self.c_out, c] {
+            bail!(
+                "winograd-conv3x3: input {:?}, kernels {:?}",
+                xl.dims(),
+                ul.dims()
+            )
+        }
+        dispatch!(self.name(), xs, T => {
+            let x = slice::<T>(xs, xl, self.name())?;
+            let u = slice::<T>(us, ul, self.name())?;
+            let bias = slice::<T>(bs, bl, self.name())?;
+            let out = winograd::conv3x3_transformed(x, u, Some(bias), self.dims, self.c_out);
+            Ok(storage(out, (b, self.c_out, h, w)))
+        })
+    }
+}
+
+/// The Winograd transform of 3x3 kernels (C_out, C, 3, 3): (16, C_out, C).
+pub fn winograd_kernels(weight: &Tensor) -> Result<Tensor> {
+    let (c_out, c, kh, kw) = weight.dims4()?;
+    if (kh, kw) != (3, 3) {
+        bail!("winograd_kernels: a {kh}x{kw} kernel, not 3x3")
+    }
+    dispatch_dtype!("winograd_kernels", weight.dtype(), T => {
+        with_data::<T, _>(&[weight], |d| {
+            cpu_tensor(winograd::transform_kernels(d[0], c, c_out), (16, c_out, c))
+        })
+    })
+}
+
+/// [`conv2d`] for weights that stay the same from call to call (a model loaded for inference):
+/// where Winograd's 3x3 convolution applies, nothing needs a gradient and the kernels are not
+/// too large to keep a copy of, the kernels' transform is made on the first call and kept in
+/// `kernels` (16/9 of the weight's size) instead of being redone every call.
+pub fn conv2d_fixed_weights(
+    x: &Tensor,
+    weight: &Tensor,
+    bias: Option<&Tensor>,
+    stride: usize,
+    pad: [usize; 4],
+    kernels: &std::sync::OnceLock<Tensor>,
+) -> Result<Tensor> {
+    let dims = x.dims4()?;
+    let (c_out, c, kh, kw) = weight.dims4()?;
+    let untracked = !x.track_op() && !weight.track_op();
+    match bias {
+        Some(bias)
+            if untracked
+                && !bias.track_op()
+                && c == dims.1
+                && weight.dtype() == x.dtype()
+                && winograd::worth_keeping(c, c_out)
+                && winograd::applies(dims, (kh, kw), stride, pad, true) =>
+        {
+            let u = match kernels.get() {
+                Some(u) => u,
+                None => {
+                    let _ = kernels.set(winograd_kernels(weight)?);
+                    kernels.get().expect("set above")
+                }
+            };
+            x.contiguous()?
+                .apply_op3(u, &bias.contiguous()?, WinogradOp { dims, c_out })
+        }
+        _ => conv2d(x, weight, bias, stride, pad),
     }
 }
 
@@ -3116,6 +3213,56 @@ mod tests {
                 err <= 1e-5 * scale,
                 "{shape:?}: max abs error {err} (outputs up to {scale})"
             );
+        }
+    }
+
+    /// Shapes where the forward pass and the input gradient (a convolution by the flipped
+    /// kernels) go through Winograd's F(2x2, 3x3): forward and gradients against candle's
+    /// convolution, in f64 and f32; and the inference path with kernels transformed once.
+    #[test]
+    fn winograd_conv2d_matches_candle_conv() {
+        if !winograd::applies((4, 128, 32, 32), (3, 3), 1, [1; 4], false) {
+            return; // SD_RS_WINOGRAD=0
+        }
+        // (input, c_out): even and odd sizes (tiles half outside the image), at least 512
+        // tiles.
+        let cases = [([4, 128, 32, 32], 128), ([5, 128, 21, 19], 130)];
+        for (i, (shape, c_out)) in cases.into_iter().enumerate() {
+            let inputs = [
+                randn(&shape, 60 + i as u64),
+                randn(&[c_out, shape[1], 3, 3], 70 + i as u64),
+                randn(&[c_out], 80 + i as u64),
+            ];
+            let reference = |t: &[Tensor]| {
+                t[0].conv2d(&t[1], 1, 1, 1, 1)
+                    .unwrap()
+                    .broadcast_add(&t[2].reshape((1, c_out, 1, 1)).unwrap())
+                    .unwrap()
+            };
+            for dtype in [DType::F64, DType::F32] {
+                let inputs: Vec<Tensor> =
+                    inputs.iter().map(|t| t.to_dtype(dtype).unwrap()).collect();
+                let tol = if dtype == DType::F64 { 1e-11 } else { 1e-3 };
+                check(
+                    &format!("winograd conv2d case {i} {dtype:?}"),
+                    &inputs,
+                    &|t| conv2d(&t[0], &t[1], Some(&t[2]), 1, [1; 4]).unwrap(),
+                    &reference,
+                    tol,
+                );
+                let kernels = std::sync::OnceLock::new();
+                let expected = reference(&inputs);
+                for call in 0..2 {
+                    let (x, w, b) = (&inputs[0], &inputs[1], &inputs[2]);
+                    let ours = conv2d_fixed_weights(x, w, Some(b), 1, [1; 4], &kernels).unwrap();
+                    let d = max_diff(&ours, &expected);
+                    assert!(
+                        d < tol,
+                        "fixed weights, case {i} {dtype:?}, call {call}: {d:e}"
+                    );
+                    assert_eq!(kernels.get().unwrap().dims(), [16, c_out, shape[1]]);
+                }
+            }
         }
     }
 
