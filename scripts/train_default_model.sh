@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Makes the shipped default model, models/sd-rs-anime, from nothing but npm packages and sd-rs:
-# render the avatar dataset, train the VAE, train the U-Net and text encoder (five stages), copy
+# render the avatar dataset, train the VAE, train the U-Net and text encoder (six stages), copy
 # the result into models/ (f16 weights) and measure how well it follows prompts.
 #
 # Resumable: run it again after a stop (or in a later session) and every stage continues from
@@ -24,6 +24,7 @@ MODEL_FT_VAE="$WORK/anime-ft-vae"
 MODEL_GLASSES="$WORK/anime-glasses"
 MODEL_EYEWEAR="$WORK/anime-eyewear"
 MODEL_TAGS="$WORK/anime-tags"
+MODEL_WEIGHTED="$WORK/anime-glasses-weighted"
 mkdir -p "$WORK"
 
 # The shipped model was trained on the data set as it was rendered until 2026-12-06 (three
@@ -43,6 +44,10 @@ if [ ! -f "$DATA_V2/data-eyewear.jsonl" ]; then
   node scripts/avatars/render.mjs --out "$DATA_V2" --count 20000 --seed 0
   python3 scripts/balance_captions.py "$DATA_V2" --by glasses --times glasses=2,sunglasses=4 \
     --out "$DATA_V2/data-eyewear.jsonl"
+fi
+if [ ! -f "$DATA_V2/data-glasses4.jsonl" ]; then
+  python3 scripts/balance_captions.py "$DATA_V2" --by glasses --times glasses=4,sunglasses=2 \
+    --out "$DATA_V2/data-glasses4.jsonl"
 fi
 
 # SD_RS_BIN: a prebuilt sd-rs (e.g. a copy kept outside the tree); else build one.
@@ -115,9 +120,12 @@ unet_stage "$MODEL_EYEWEAR" "$DATA_V2/data-eyewear.jsonl" configs/sd-rs-anime/un
 # Fifth stage (2026-12-06, night): the same captions with far less tag dropout.
 unet_stage "$MODEL_TAGS" "$DATA_V2/data-eyewear.jsonl" configs/sd-rs-anime/unet-tags.toml \
   --model "$MODEL_EYEWEAR"
+# Sixth stage (2026-12-07): the glasses images drawn twice as often as the sunglasses ones.
+unet_stage "$MODEL_WEIGHTED" "$DATA_V2/data-glasses4.jsonl" \
+  configs/sd-rs-anime/unet-glasses-weighted.toml --model "$MODEL_TAGS"
 
 echo "== copying the model into models/sd-rs-anime"
-with_decoder "$MODEL_TAGS" models/sd-rs-anime
+with_decoder "$MODEL_WEIGHTED" models/sd-rs-anime
 du -sh models/sd-rs-anime
 
 echo "== measuring prompt following"
