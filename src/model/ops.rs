@@ -29,27 +29,51 @@ use rayon::prelude::*;
 mod winograd;
 pub use winograd::set_enabled as set_winograd;
 
-/// 0: not decided yet (read `SD_RS_FUSED_CPU_OPS` on first use), 1: on, 2: off.
-static ENABLED: AtomicU8 = AtomicU8::new(0);
+/// A process-wide on/off switch: on unless the environment variable `var` is `0` (read on first
+/// use), or as last [`Switch::set`].
+struct Switch {
+    /// 0: not decided yet, 1: on, 2: off.
+    state: AtomicU8,
+    var: &'static str,
+}
+
+impl Switch {
+    const fn new(var: &'static str) -> Self {
+        Self {
+            state: AtomicU8::new(0),
+            var,
+        }
+    }
+
+    fn set(&self, on: bool) {
+        self.state.store(if on { 1 } else { 2 }, Ordering::Relaxed);
+    }
+
+    fn get(&self) -> bool {
+        match self.state.load(Ordering::Relaxed) {
+            1 => true,
+            2 => false,
+            _ => {
+                let on = std::env::var(self.var).map_or(true, |v| v.trim() != "0");
+                self.set(on);
+                on
+            }
+        }
+    }
+}
+
+static ENABLED: Switch = Switch::new("SD_RS_FUSED_CPU_OPS");
 
 /// Switches the fused kernels on or off for the whole process. They are on unless the
 /// environment variable `SD_RS_FUSED_CPU_OPS` is `0`; off forces the composed candle ops
 /// everywhere, which is how the kernels are compared with the reference.
 pub fn set_enabled(on: bool) {
-    ENABLED.store(if on { 1 } else { 2 }, Ordering::Relaxed);
+    ENABLED.set(on);
 }
 
 /// Whether the fused kernels are switched on.
 pub fn enabled() -> bool {
-    match ENABLED.load(Ordering::Relaxed) {
-        1 => true,
-        2 => false,
-        _ => {
-            let on = std::env::var("SD_RS_FUSED_CPU_OPS").map_or(true, |v| v.trim() != "0");
-            set_enabled(on);
-            on
-        }
-    }
+    ENABLED.get()
 }
 
 /// Whether the fused kernels handle `t`: switched on, on the CPU, in f32 or f64, not empty.

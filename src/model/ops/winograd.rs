@@ -21,12 +21,11 @@
 //! whose weights change every step) or once and kept (inference, [`conv3x3_transformed`]).
 
 use std::ops::Range;
-use std::sync::atomic::{AtomicU8, Ordering};
 
 use candle_core::WithDType;
 use rayon::prelude::*;
 
-use super::{gemm_threads, SendPtr};
+use super::{gemm_threads, SendPtr, Switch};
 
 /// The fewest input channels worth it. The GEMMs' inner dimension is C (im2col's is 9·C): at 64
 /// channels (the small default model's first level) they ran at half the rate of im2col's and
@@ -65,26 +64,17 @@ const BAND_VALUES: usize = 1 << 20;
 /// Tiles in a band are a multiple of this: the GEMMs are vectorised over tiles, 64 at a time.
 const TILE_STEP: usize = 64;
 
-/// 0: not decided yet (read `SD_RS_WINOGRAD` on first use), 1: on, 2: off.
-static ENABLED: AtomicU8 = AtomicU8::new(0);
+static ENABLED: Switch = Switch::new("SD_RS_WINOGRAD");
 
 /// Switches Winograd's convolutions on or off for the whole process. They are on unless the
 /// environment variable `SD_RS_WINOGRAD` is `0`; off, every convolution is im2col + GEMM (how
 /// the two are compared).
 pub fn set_enabled(on: bool) {
-    ENABLED.store(if on { 1 } else { 2 }, Ordering::Relaxed);
+    ENABLED.set(on);
 }
 
 fn enabled() -> bool {
-    match ENABLED.load(Ordering::Relaxed) {
-        1 => true,
-        2 => false,
-        _ => {
-            let on = std::env::var("SD_RS_WINOGRAD").map_or(true, |v| v.trim() != "0");
-            set_enabled(on);
-            on
-        }
-    }
+    ENABLED.get()
 }
 
 /// Whether a convolution of `c` input channels over `b` images of `h` x `w` by a `kh` x `kw`
