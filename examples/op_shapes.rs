@@ -51,8 +51,9 @@ const ATTENTION: [(usize, usize, usize); 4] = [
 ];
 
 /// (batch, channels in, height, width, channels out) of 3x3 convolutions: the U-Net's levels at
-/// 512x512 and 256x256 (batch 2), the VAE decoder's at 512x512 (its 512x512 level, 2^25 values, is beyond the exact f32 `arange` of the inputs), the small default model's
-/// U-Net in training (batch 32). GFLOP/s count the direct convolution's multiply-adds.
+/// 512x512 and 256x256 (batch 2), the VAE decoder's at 512x512 (not its 512x512 level: 2^25
+/// values are beyond the exact f32 `arange` of the inputs), the small default model's U-Net in
+/// training (batch 32). GFLOP/s count the direct convolution's multiply-adds.
 const CONV: [(usize, usize, usize, usize, usize); 13] = [
     (2, 320, 64, 64, 320),
     (2, 640, 32, 32, 640),
@@ -88,12 +89,14 @@ fn main() -> Result<()> {
     // As the sd-rs binary does (src/main.rs): the work runs on a rayon worker.
     // `--kn`: every layer's weight stored (in, out), to see what that layout would give the U-Net.
     let kn_everywhere = std::env::args().any(|a| a == "--kn");
-    // `--only linear|conv|attention`: one table.
+    // `--only linear|conv|attention`: one table; `--case i`: only the i-th convolution.
     let args: Vec<String> = std::env::args().collect();
-    let only = args
-        .iter()
-        .position(|a| a == "--only")
-        .and_then(|i| args.get(i + 1));
+    let value_of = |flag: &str| {
+        args.iter()
+            .position(|a| a == flag)
+            .and_then(|i| args.get(i + 1))
+    };
+    let only = value_of("--only");
     let wanted = |table: &str| only.is_none_or(|o| o == table);
     let pool = rayon::ThreadPoolBuilder::new().build()?;
     println!("threads: {}", pool.current_num_threads());
@@ -114,10 +117,7 @@ fn main() -> Result<()> {
                 t * 1e3
             );
         }
-        let case = args
-            .iter()
-            .position(|a| a == "--case")
-            .and_then(|i| args.get(i + 1)?.parse::<usize>().ok());
+        let case = value_of("--case").and_then(|v| v.parse::<usize>().ok());
         for (i, (b, c, h, w, c_out)) in CONV.into_iter().enumerate().filter(|_| wanted("conv")) {
             if case.is_some_and(|case| case != i) {
                 continue;

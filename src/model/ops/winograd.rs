@@ -269,8 +269,8 @@ impl Geometry {
         let (c, h, w, tx_n) = (self.c, self.h, self.w, self.tiles_x);
         let n = tile_rows.len() * tx_n;
         let plane = h * w;
-        // Columns -1..2·tiles_x + 1 of the four combined rows, split by parity: even[i][t] is
-        // column 2t - 1, odd[i][t] column 2t.
+        // Columns -1..2·tiles_x + 1 of the four combined rows, split by parity: even[t] holds
+        // column 2t - 1 of each, odd[t] column 2t.
         let mut even = vec![[T::zero(); 4]; tx_n + 1];
         let mut odd = vec![[T::zero(); 4]; tx_n + 1];
         let zero_row = vec![T::zero(); w];
@@ -345,7 +345,7 @@ impl Geometry {
         let n = tile_rows.len() * tx_n;
         let plane = h * w;
         // The two output rows of a row of tiles, 2·tiles_x wide (one more than w when w is odd).
-        let mut y = [vec![T::zero(); 2 * tx_n], vec![T::zero(); 2 * tx_n]];
+        let (mut top, mut bottom) = (vec![T::zero(); 2 * tx_n], vec![T::zero(); 2 * tx_n]);
         for co in 0..c_out {
             let b = bias.map_or(T::zero(), |b| b[co]);
             for (row_index, r) in tile_rows.clone().enumerate() {
@@ -362,15 +362,14 @@ impl Geometry {
                     let (q, s, u) = (mat(1, j), mat(2, j), mat(3, j));
                     move |t: usize| q[t] - s[t] - u[t]
                 });
-                let (y0, y1) = y.split_at_mut(1);
                 for t in 0..tx_n {
-                    y0[0][2 * t] = a0(t) + a1(t) + a2(t) + b;
-                    y0[0][2 * t + 1] = a1(t) - a2(t) - a3(t) + b;
-                    y1[0][2 * t] = b0(t) + b1(t) + b2(t) + b;
-                    y1[0][2 * t + 1] = b1(t) - b2(t) - b3(t) + b;
+                    top[2 * t] = a0(t) + a1(t) + a2(t) + b;
+                    top[2 * t + 1] = a1(t) - a2(t) - a3(t) + b;
+                    bottom[2 * t] = b0(t) + b1(t) + b2(t) + b;
+                    bottom[2 * t + 1] = b1(t) - b2(t) - b3(t) + b;
                 }
                 let out = dst.get().add((image * c_out + co) * plane);
-                for (i, row) in y.iter().enumerate() {
+                for (i, row) in [&top, &bottom].into_iter().enumerate() {
                     let oy = 2 * ty + i;
                     if oy < h {
                         std::ptr::copy_nonoverlapping(row.as_ptr(), out.add(oy * w), w);
