@@ -11,8 +11,8 @@ use rand_chacha::ChaCha8Rng;
 use sd_rs::io::captions::CaptionedImage;
 use sd_rs::train::checkpoint::{CheckpointParts, Checkpoints, RngState, TrainState};
 use sd_rs::train::data::{
-    drop_tags, image_loader, resize_and_crop, rgb_to_tensor, BatchConfig, Batcher, CropMode,
-    DataPosition, EpochSampler, ImageTransform, Loader,
+    drop_tags, image_loader, resize_and_crop, rgb_to_tensor, shuffle_tags, BatchConfig, Batcher,
+    CropMode, DataPosition, EpochSampler, ImageTransform, Loader,
 };
 use sd_rs::train::ema::{Ema, EmaConfig, EmaWarmup};
 use sd_rs::train::latent_cache::{file_identity, sample_latent, CacheSettings, LatentCache};
@@ -908,6 +908,73 @@ fn tag_dropout_keeps_the_leading_tags_and_drops_the_others_at_its_rate() {
     for d in dropped {
         assert!((880..=1120).contains(&d), "{dropped:?} of {trials}");
     }
+}
+
+#[test]
+fn tag_shuffling_keeps_the_leading_tags_and_draws_every_order_of_the_others_evenly() {
+    let caption = "anime girl, red hair,glasses , blue background";
+    let mut rng = ChaCha8Rng::seed_from_u64(9);
+    // Nothing to shuffle: the tags come back in order, tidied.
+    assert_eq!(
+        shuffle_tags(caption, 4, &mut rng),
+        "anime girl, red hair, glasses, blue background"
+    );
+    assert_eq!(
+        shuffle_tags(caption, 9, &mut rng),
+        shuffle_tags(caption, 3, &mut rng)
+    );
+    let mut orders = std::collections::HashMap::new();
+    let trials = 6000;
+    for _ in 0..trials {
+        let out = shuffle_tags(caption, 1, &mut rng);
+        let rest = out.strip_prefix("anime girl, ").expect(&out).to_string();
+        let mut tags: Vec<&str> = rest.split(", ").collect();
+        tags.sort();
+        assert_eq!(tags, ["blue background", "glasses", "red hair"], "{out}");
+        *orders.entry(rest).or_insert(0) += 1;
+    }
+    // The 3! orders, 1000 each expected (sd about 29).
+    assert_eq!(orders.len(), 6, "{orders:?}");
+    for (order, n) in &orders {
+        assert!((880..=1120).contains(n), "{order:?}: {n} of {trials}");
+    }
+}
+
+#[test]
+fn batches_shuffle_their_captions_tags_when_asked() -> Result<()> {
+    let dir = scratch("data-shuffle");
+    let items: Vec<CaptionedImage> = image_dataset(&dir, 2)
+        .into_iter()
+        .map(|mut item| {
+            item.caption = format!("{}, tag a, tag b", item.caption);
+            item
+        })
+        .collect();
+    let load: sd_rs::train::data::LoadFn =
+        Arc::new(|_: &CaptionedImage, i: usize, _: &mut ChaCha8Rng| {
+            Ok(Tensor::new(&[i as f32], &Device::Cpu)?)
+        });
+    let config = BatchConfig {
+        caption_keep_tags: 1,
+        caption_shuffle_tags: true,
+        ..batch_config(100, 0.0, false)
+    };
+    let mut batcher = Batcher::new(Arc::new(items), load, config, DataPosition::default())?;
+    let mut seen = std::collections::HashMap::new();
+    for _ in 0..10 {
+        let batch = batcher.next_batch()?;
+        for (c, i) in batch.captions.iter().zip(&batch.indices) {
+            let rest = c.strip_prefix(&format!("caption {i}, ")).expect(c);
+            *seen.entry(rest.to_string()).or_insert(0) += 1;
+        }
+    }
+    // Both orders of the two later tags, each about half of 1000.
+    assert_eq!(seen.len(), 2, "{seen:?}");
+    for order in ["tag a, tag b", "tag b, tag a"] {
+        assert!((440..=560).contains(&seen[order]), "{order:?}: {seen:?}");
+    }
+    std::fs::remove_dir_all(dir)?;
+    Ok(())
 }
 
 #[test]

@@ -97,6 +97,10 @@ pub struct TrainConfig {
     pub caption_tag_dropout: f64,
     #[serde(default)]
     pub caption_keep_tags: usize,
+    /// Shuffle the tags after the first `caption_keep_tags` each time a caption is used
+    /// (kohya's `shuffle_caption`), so that a tag means the same wherever a prompt puts it.
+    #[serde(default)]
+    pub caption_shuffle_tags: bool,
     /// Min-SNR-gamma loss weighting (Hang et al. 2023); 0 turns it off.
     #[serde(default)]
     pub min_snr_gamma: f64,
@@ -333,6 +337,7 @@ pub fn run(args: TrainArgs) -> Result<()> {
         caption_dropout: cfg.caption_dropout,
         caption_tag_dropout: cfg.caption_tag_dropout,
         caption_keep_tags: cfg.caption_keep_tags,
+        caption_shuffle_tags: cfg.caption_shuffle_tags,
         strict: args.run.strict,
     };
     let batcher = Batcher::new(

@@ -242,6 +242,12 @@ pub struct BatchConfig {
     /// "anime girl, red hair, glasses" is a caption the model has seen.
     pub caption_tag_dropout: f64,
     pub caption_keep_tags: usize,
+    /// Shuffle the tags after the first `caption_keep_tags` each time a caption is used
+    /// (kohya's `shuffle_caption`). A text encoder reads a tag in the light of the tags before
+    /// it, so captions that always list their tags in one order teach a tag's meaning only in
+    /// that company: the default model trained without it drew "glasses" for 4-6 of 10 seeds
+    /// after "green hair" and for 10 of 10 when the prompt put "glasses" first.
+    pub caption_shuffle_tags: bool,
     /// Stop at the first unreadable image instead of skipping it.
     pub strict: bool,
 }
@@ -256,6 +262,7 @@ impl BatchConfig {
             caption_dropout: 0.0,
             caption_tag_dropout: 0.0,
             caption_keep_tags: 0,
+            caption_shuffle_tags: false,
             strict,
         }
     }
@@ -276,6 +283,21 @@ pub fn drop_tags(caption: &str, rate: f64, keep: usize, rng: &mut impl RngCore) 
         .map(|(_, tag)| tag)
         .collect();
     kept.join(", ")
+}
+
+/// `caption` with its tags after the first `keep` in a random order (Fisher-Yates).
+pub fn shuffle_tags(caption: &str, keep: usize, rng: &mut impl RngCore) -> String {
+    let mut tags: Vec<&str> = caption
+        .split(',')
+        .map(str::trim)
+        .filter(|tag| !tag.is_empty())
+        .collect();
+    let start = keep.min(tags.len());
+    let rest = &mut tags[start..];
+    for i in (1..rest.len()).rev() {
+        rest.swap(i, uniform_below(rng, i as u32 + 1) as usize);
+    }
+    tags.join(", ")
 }
 
 /// An image that could not be used, with why.
@@ -399,7 +421,12 @@ impl Batcher {
                                 self.config.caption_tag_dropout,
                                 self.config.caption_keep_tags,
                             );
-                            drop_tags(&item.caption, rate, keep, &mut rng)
+                            let caption = drop_tags(&item.caption, rate, keep, &mut rng);
+                            if self.config.caption_shuffle_tags {
+                                shuffle_tags(&caption, keep, &mut rng)
+                            } else {
+                                caption
+                            }
                         });
                         samples.push(sample);
                         indices.push(index);
