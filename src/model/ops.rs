@@ -648,8 +648,9 @@ multiversion! {
 }
 
 multiversion! {
-    /// The backward of [`layer_norm_fwd`] for some rows: dx, and the rows' dgamma (first d)
-    /// and dbeta (last d) added into `part`.
+    /// The backward of [`layer_norm_fwd`] for some rows (at most [`ROWS_PER_TASK`]): dx, and
+    /// the rows' dgamma (first d) and dbeta (last d) added into `part`. The rows' sums are
+    /// taken in `T` and added to `part` in f64 once, so that the per-row loop vectorises.
     fn layer_norm_bwd<T: Real>(
         x: &[T],
         dy: &[T],
@@ -659,14 +660,14 @@ multiversion! {
         eps: f64,
     ) {
         let d = gamma.len();
-        let (pg, pb) = part.split_at_mut(d);
+        let (mut sum_g, mut sum_b) = (vec![T::zero(); d], vec![T::zero(); d]);
         for ((dx, x), dy) in dx.chunks_mut(d).zip(x.chunks(d)).zip(dy.chunks(d)) {
             let (mean, rstd) = moments(x, eps);
             let (mean, rstd) = (T::from_f64(mean), T::from_f64(rstd));
             for j in 0..d {
                 let xhat = (x[j] - mean) * rstd;
-                pg[j] += (dy[j] * xhat).to_f64();
-                pb[j] += dy[j].to_f64();
+                sum_g[j] += dy[j] * xhat;
+                sum_b[j] += dy[j];
                 dx[j] = dy[j] * gamma[j];
             }
             // dx = rstd * (dxhat - mean(dxhat) - xhat * mean(dxhat * xhat))
@@ -677,6 +678,9 @@ multiversion! {
                 let xhat = (v - mean) * rstd;
                 *g = rstd * (*g - m1 - xhat * m2);
             }
+        }
+        for (p, v) in part.iter_mut().zip(sum_g.iter().chain(&sum_b)) {
+            *p += v.to_f64();
         }
     }
 }
