@@ -212,20 +212,23 @@ impl ClipAttention {
     fn forward(&self, xs: &Tensor, causal_mask: &Tensor) -> Result<Tensor> {
         let (b, l, d) = xs.dims3()?;
         let (h, hd) = (self.num_heads, self.head_dim);
-        let heads = |t: Tensor| -> Result<Tensor> { Ok(swap(&t, (b, l, h, hd), &[b, h, l, hd])?) };
-        let q = heads(self.q_proj.forward(xs)?)?;
-        let k = heads(self.k_proj.forward(xs)?)?;
-        let v = heads(self.v_proj.forward(xs)?)?;
+        let (q, k, v) = (
+            self.q_proj.forward(xs)?,
+            self.k_proj.forward(xs)?,
+            self.v_proj.forward(xs)?,
+        );
         let scale = (self.head_dim as f64).powf(-0.5);
         if crate::model::ops::applies(&q) {
-            // One fused node (the mask applied inside): no (L, L) score tensors per head.
+            // One fused node (the mask applied inside) that reads the heads from the tokens:
+            // no (L, L) score tensors per head, no transposes.
             let out = {
                 let _profile = profile::scope("attention (scores, softmax, values)", q.device());
-                crate::model::ops::causal_attention(&q, &k, &v, scale)?
+                crate::model::ops::attention_tokens(&q, &k, &v, h, scale, true)?
             };
-            let out = swap(&out, (b, h, l, hd), &[b, l, d])?;
             return Ok(self.out_proj.forward(&out)?);
         }
+        let heads = |t: Tensor| -> Result<Tensor> { Ok(swap(&t, (b, l, h, hd), &[b, h, l, hd])?) };
+        let (q, k, v) = (heads(q)?, heads(k)?, heads(v)?);
         let scores = (q.matmul(&k.t()?)? * scale)?.broadcast_add(causal_mask)?;
         // transformers takes the softmax of half-precision scores in f32; `ops::softmax` (not
         // `softmax_last_dim`) because only it has a backward pass.

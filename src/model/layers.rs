@@ -621,6 +621,37 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Result<Tenso
     attention_chunked(q, k, v, scale, ATTENTION_SCORE_CHUNK)
 }
 
+/// [`attention`] over `heads` heads of tokens: `q` (B, Nq, heads * d), `k`, `v`
+/// (B, Nk, heads * d), as the projections make them; returns (B, Nq, heads * d) for the output
+/// projection. On the CPU in f32/f64 the fused kernel reads and writes this layout itself;
+/// elsewhere the heads are split off and merged back around [`attention_chunked`].
+pub fn attention_tokens(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    heads: usize,
+    scale: f64,
+) -> Result<Tensor> {
+    let _profile = profile::scope("attention (scores, softmax, values)", q.device());
+    if ops::applies(q) && ops::applies(k) && ops::applies(v) {
+        return ops::attention_tokens(q, k, v, heads, scale, false);
+    }
+    let (b, nq, hd) = q.dims3()?;
+    let d = hd / heads;
+    let split = |x: &Tensor| -> Result<Tensor> {
+        let n = x.dim(1)?;
+        swap(x, (b, n, heads, d), &[b, heads, n, d])
+    };
+    let out = attention_chunked(
+        &split(q)?,
+        &split(k)?,
+        &split(v)?,
+        scale,
+        ATTENTION_SCORE_CHUNK,
+    )?;
+    swap(&out, (b, heads, nq, d), &[b, nq, hd])
+}
+
 /// [`attention`] composed from candle ops, materialising at most about `max_score_elems`
 /// scores at a time (at least one query row per chunk).
 pub fn attention_chunked(
@@ -718,13 +749,6 @@ impl Attention {
         })
     }
 
-    /// (B, N, heads*dim_head) -> (B, heads, N, dim_head)
-    fn split_heads(&self, x: &Tensor) -> Result<Tensor> {
-        let (b, n, _) = x.dims3()?;
-        let (h, d) = (self.heads, self.dim_head);
-        swap(x, (b, n, h, d), &[b, h, n, d])
-    }
-
     /// `context`: (B, L, cross_attention_dim) for cross-attention, `None` for self-attention.
     pub fn forward(&self, x: &Tensor, context: Option<&Tensor>) -> Result<Tensor> {
         let residual = x;
@@ -749,14 +773,11 @@ impl Attention {
             (_, None) => (x.contiguous()?, None),
         };
         let context = context.unwrap_or(&tokens);
-        let q = self.split_heads(&self.to_q.forward(&tokens)?)?;
-        let k = self.split_heads(&self.to_k.forward(context)?)?;
-        let v = self.split_heads(&self.to_v.forward(context)?)?;
+        let q = self.to_q.forward(&tokens)?;
+        let k = self.to_k.forward(context)?;
+        let v = self.to_v.forward(context)?;
         let scale = 1.0 / (self.dim_head as f64).sqrt();
-        let out = attention(&q, &k, &v, scale)?;
-        let (b, _, n, _) = out.dims4()?;
-        let (h, d) = (self.heads, self.dim_head);
-        let out = swap(&out, (b, h, n, d), &[b, n, h * d])?;
+        let out = attention_tokens(&q, &k, &v, self.heads, scale)?;
         let out = self.to_out.forward(&out)?;
         let out = match shape4 {
             Some((b, c, h, w)) => swap(&out, (b, h * w, c, 1), &[b, c, h, w])?,

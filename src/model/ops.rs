@@ -1181,26 +1181,147 @@ multiversion! {
     }
 }
 
-/// Scaled dot-product attention over (B, H, N, d) tensors: one task per head, whose scores
-/// exist only one block of query rows at a time. The backward recomputes them.
+/// Scaled dot-product attention: one task per head, whose scores exist only one block of query
+/// rows at a time. The backward recomputes them.
 #[derive(Debug, Clone, Copy)]
 struct AttentionOp {
     scale: f64,
     /// Query i sees keys 0..=i only (a text encoder's self-attention; needs nq = nk).
     causal: bool,
+    /// `None`: q, k, v and the output are (B, H, N, d). `Some(h)`: they are (B, N, h * d), head
+    /// j in columns j * d..(j + 1) * d, as the projections make and take them; each task then
+    /// copies its head's rows in and out, which spares the model four transposes (graph
+    /// nodes, each with a backward) per attention.
+    token_heads: Option<usize>,
+}
+
+/// A task's copies of its head's rows (token layout) and its results.
+struct HeadScratch<T> {
+    q: Vec<T>,
+    k: Vec<T>,
+    v: Vec<T>,
+    dout: Vec<T>,
+    out: Vec<T>,
+    dk: Vec<T>,
+    dv: Vec<T>,
+}
+
+impl<T> Default for HeadScratch<T> {
+    fn default() -> Self {
+        let v = Vec::new;
+        Self {
+            q: v(),
+            k: v(),
+            v: v(),
+            dout: v(),
+            out: v(),
+            dk: v(),
+            dv: v(),
+        }
+    }
+}
+
+/// `buf` cleared and resized to `len` zeros.
+fn zeroed<T: WithDType>(buf: &mut Vec<T>, len: usize) -> &mut [T] {
+    buf.clear();
+    buf.resize(len, T::zero());
+    buf
 }
 
 impl AttentionOp {
-    /// (heads, nq, nk, d)
-    fn dims(q: &[usize], k: &[usize], v: &[usize]) -> Result<(usize, usize, usize, usize)> {
-        match (q, k) {
-            (&[b, h, nq, d], &[bk, hk, nk, dk])
+    /// (heads in all, nq, nk, d)
+    fn dims(&self, q: &[usize], k: &[usize], v: &[usize]) -> Result<(usize, usize, usize, usize)> {
+        match (self.token_heads, q, k) {
+            (None, &[b, h, nq, d], &[bk, hk, nk, dk])
                 if (bk, hk, dk) == (b, h, d) && v == k && nk > 0 && d > 0 =>
             {
                 Ok((b * h, nq, nk, d))
             }
-            _ => bail!("attention: q {q:?}, k {k:?}, v {v:?}"),
+            (Some(h), &[b, nq, hd], &[bk, nk, hdk])
+                if (bk, hdk) == (b, hd) && v == k && nk > 0 && h > 0 && hd % h == 0 =>
+            {
+                Ok((b * h, nq, nk, hd / h))
+            }
+            _ => bail!(
+                "attention ({:?} heads in the token layout): q {q:?}, k {k:?}, v {v:?}",
+                self.token_heads
+            ),
         }
+    }
+
+    /// Head `g`'s `n` rows of `d` values in `x`: a slice of `x` in the (B, H, N, d) layout, a
+    /// copy into `buf` in the token layout.
+    fn head<'a, T: WithDType>(
+        &self,
+        x: &'a [T],
+        g: usize,
+        (n, d): (usize, usize),
+        buf: &'a mut Vec<T>,
+    ) -> &'a [T] {
+        match self.token_heads {
+            None => &x[g * n * d..][..n * d],
+            Some(h) => {
+                let (b, j) = (g / h, g % h);
+                buf.clear();
+                for row in x[b * n * h * d..][..n * h * d].chunks_exact(h * d) {
+                    buf.extend_from_slice(&row[j * d..][..d]);
+                }
+                buf
+            }
+        }
+    }
+
+    /// Writes head `g`'s rows (`n` x `d`) into its place in `out`, a whole output of this
+    /// layout.
+    ///
+    /// # Safety
+    /// `out` points to `n * d` values per head for all heads, and no other task writes head
+    /// `g`'s place while this runs.
+    unsafe fn put_head<T: WithDType>(
+        &self,
+        rows: &[T],
+        out: SendPtr<T>,
+        g: usize,
+        (n, d): (usize, usize),
+    ) {
+        let out = out.get();
+        match self.token_heads {
+            None => std::ptr::copy_nonoverlapping(rows.as_ptr(), out.add(g * n * d), n * d),
+            Some(h) => {
+                let (b, j) = (g / h, g % h);
+                for (r, row) in rows.chunks_exact(d).enumerate() {
+                    let at = ((b * n + r) * h + j) * d;
+                    std::ptr::copy_nonoverlapping(row.as_ptr(), out.add(at), d);
+                }
+            }
+        }
+    }
+
+    fn fwd_impl<T: Real>(
+        &self,
+        q: &[T],
+        k: &[T],
+        v: &[T],
+        (heads, nq, nk, d): (usize, usize, usize, usize),
+    ) -> Vec<T> {
+        let mut o = zeros(q.len());
+        let out = SendPtr(o.as_mut_ptr());
+        (0..heads)
+            .into_par_iter()
+            .for_each_init(HeadScratch::<T>::default, |s, g| {
+                let hq = self.head(q, g, (nq, d), &mut s.q);
+                let hk = self.head(k, g, (nk, d), &mut s.k);
+                let hv = self.head(v, g, (nk, d), &mut s.v);
+                let ho = zeroed(&mut s.out, nq * d);
+                if attention_uses_gemm(nq, nk, d) {
+                    attention_head_fwd_gemm(hq, hk, hv, ho, nk, d, self.scale, self.causal);
+                } else {
+                    attention_head_fwd(hq, hk, hv, ho, nk, d, self.scale, self.causal);
+                }
+                // SAFETY: `o` holds every head's rows; head g is this task's alone.
+                unsafe { self.put_head(ho, out, g, (nq, d)) };
+            });
+        o
     }
 
     /// (dq, dk, dv)
@@ -1210,30 +1331,46 @@ impl AttentionOp {
         k: &[T],
         v: &[T],
         dout: &[T],
-        (nq, nk, d): (usize, usize, usize),
+        (heads, nq, nk, d): (usize, usize, usize, usize),
     ) -> (Vec<T>, Vec<T>, Vec<T>) {
         let mut dq = zeros(q.len());
         let mut dk = zeros(k.len());
         let mut dv = zeros(v.len());
-        dq.par_chunks_mut(nq * d)
-            .zip(dk.par_chunks_mut(nk * d))
-            .zip(dv.par_chunks_mut(nk * d))
-            .enumerate()
-            .for_each(|(h, ((dq, dk), dv))| {
-                let (hq, hk) = (h * nq * d..(h + 1) * nq * d, h * nk * d..(h + 1) * nk * d);
+        let ptrs = (
+            SendPtr(dq.as_mut_ptr()),
+            SendPtr(dk.as_mut_ptr()),
+            SendPtr(dv.as_mut_ptr()),
+        );
+        (0..heads)
+            .into_par_iter()
+            .for_each_init(HeadScratch::<T>::default, |s, g| {
+                let hq = self.head(q, g, (nq, d), &mut s.q);
+                let hk = self.head(k, g, (nk, d), &mut s.k);
+                let hv = self.head(v, g, (nk, d), &mut s.v);
+                let hdo = self.head(dout, g, (nq, d), &mut s.dout);
+                let hdq = zeroed(&mut s.out, nq * d);
+                let hdk = zeroed(&mut s.dk, nk * d);
+                let hdv = zeroed(&mut s.dv, nk * d);
                 attention_head_bwd(
-                    &q[hq.clone()],
-                    &k[hk.clone()],
-                    &v[hk],
-                    &dout[hq],
-                    dq,
-                    dk,
-                    dv,
+                    hq,
+                    hk,
+                    hv,
+                    hdo,
+                    hdq,
+                    hdk,
+                    hdv,
                     nk,
                     d,
                     self.scale,
                     self.causal,
                 );
+                let (pq, pk, pv) = ptrs;
+                // SAFETY: dq, dk and dv hold every head's rows; head g is this task's alone.
+                unsafe {
+                    self.put_head(hdq, pq, g, (nq, d));
+                    self.put_head(hdk, pk, g, (nk, d));
+                    self.put_head(hdv, pv, g, (nk, d));
+                }
             });
         (dq, dk, dv)
     }
@@ -1253,23 +1390,12 @@ impl CustomOp3 for AttentionOp {
         vs: &CpuStorage,
         vl: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let (_, nq, nk, d) = Self::dims(ql.dims(), kl.dims(), vl.dims())?;
+        let dims = self.dims(ql.dims(), kl.dims(), vl.dims())?;
         dispatch!(self.name(), qs, T => {
             let q = slice::<T>(qs, ql, self.name())?;
             let k = slice::<T>(ks, kl, self.name())?;
             let v = slice::<T>(vs, vl, self.name())?;
-            let mut o = zeros(q.len());
-            o.par_chunks_mut(nq * d).enumerate().for_each(|(h, o)| {
-                let hk = h * nk * d..(h + 1) * nk * d;
-                let hq = &q[h * nq * d..][..nq * d];
-                let (k, v) = (&k[hk.clone()], &v[hk]);
-                if attention_uses_gemm(nq, nk, d) {
-                    attention_head_fwd_gemm(hq, k, v, o, nk, d, self.scale, self.causal);
-                } else {
-                    attention_head_fwd(hq, k, v, o, nk, d, self.scale, self.causal);
-                }
-            });
-            Ok(storage(o, ql.shape().clone()))
+            Ok(storage(self.fwd_impl(q, k, v, dims), ql.shape().clone()))
         })
     }
 
@@ -1282,10 +1408,10 @@ impl CustomOp3 for AttentionOp {
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let _profile = crate::profile::scope("attention backward", q.device());
-        let (_, nq, nk, d) = Self::dims(q.dims(), k.dims(), v.dims())?;
+        let dims = self.dims(q.dims(), k.dims(), v.dims())?;
         let (dq, dk, dv) = dispatch_dtype!(self.name(), q.dtype(), T => {
             with_data::<T, _>(&[q, k, v, grad], |t| {
-                let (dq, dk, dv) = self.bwd_impl(t[0], t[1], t[2], t[3], (nq, nk, d));
+                let (dq, dk, dv) = self.bwd_impl(t[0], t[1], t[2], t[3], dims);
                 Ok((
                     cpu_tensor(dq, q.shape())?,
                     cpu_tensor(dk, k.shape())?,
@@ -1297,34 +1423,58 @@ impl CustomOp3 for AttentionOp {
     }
 }
 
-/// softmax(scale · q kᵀ) v for `q` (B, H, Nq, d), `k`, `v` (B, H, Nk, d), as one graph node
-/// that never holds more than a block of scores per head. Requires [`applies`].
-pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Result<Tensor> {
-    let op = AttentionOp {
-        scale,
-        causal: false,
-    };
-    q.contiguous()?
-        .apply_op3(&k.contiguous()?, &v.contiguous()?, op)
-}
-
-/// [`attention`] where query i sees only keys 0..=i (CLIP's causal self-attention): the same
-/// as adding a mask of -inf above the diagonal to the scores. Requires [`applies`] and
-/// nq = nk.
-pub fn causal_attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Result<Tensor> {
-    if q.dims() != k.dims() {
+fn apply_attention(q: &Tensor, k: &Tensor, v: &Tensor, op: AttentionOp) -> Result<Tensor> {
+    if op.causal && q.dims() != k.dims() {
         bail!(
             "causal attention: q {:?} and k {:?} differ",
             q.dims(),
             k.dims()
         )
     }
+    q.contiguous()?
+        .apply_op3(&k.contiguous()?, &v.contiguous()?, op)
+}
+
+/// softmax(scale · q kᵀ) v for `q` (B, H, Nq, d), `k`, `v` (B, H, Nk, d), as one graph node
+/// that never holds more than a block of scores per head. Requires [`applies`].
+pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Result<Tensor> {
+    let op = AttentionOp {
+        scale,
+        causal: false,
+        token_heads: None,
+    };
+    apply_attention(q, k, v, op)
+}
+
+/// [`attention`] where query i sees only keys 0..=i (CLIP's causal self-attention): the same
+/// as adding a mask of -inf above the diagonal to the scores. Requires [`applies`] and
+/// nq = nk.
+pub fn causal_attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Result<Tensor> {
     let op = AttentionOp {
         scale,
         causal: true,
+        token_heads: None,
     };
-    q.contiguous()?
-        .apply_op3(&k.contiguous()?, &v.contiguous()?, op)
+    apply_attention(q, k, v, op)
+}
+
+/// [`attention`] (or [`causal_attention`]) over `heads` heads of tokens: `q` (B, Nq, heads * d),
+/// `k`, `v` (B, Nk, heads * d), head j in columns j * d..(j + 1) * d; returns (B, Nq, heads * d),
+/// ready for the output projection. Requires [`applies`].
+pub fn attention_tokens(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    heads: usize,
+    scale: f64,
+    causal: bool,
+) -> Result<Tensor> {
+    let op = AttentionOp {
+        scale,
+        causal,
+        token_heads: Some(heads),
+    };
+    apply_attention(q, k, v, op)
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -3061,6 +3211,59 @@ mod tests {
                 1e-12,
             );
         }
+    }
+
+    #[test]
+    fn attention_over_tokens_matches_attention_over_split_heads() {
+        // Heads read from and written to (B, N, H * d) against the same attention on heads
+        // split off with candle's reshape and transpose: the loops (d = 8) and the GEMMs
+        // (d = 20, 80 rows), causal and not; f64 forward and backward.
+        for (nq, nk, d, causal) in [
+            (37, 21, 8, false),
+            (80, 80, 20, false),
+            (77, 77, 8, true),
+            (80, 80, 20, true),
+        ] {
+            let (b, h) = (2, 3);
+            let inputs = [
+                (randn(&[b, nq, h * d], 93) * 2.0).unwrap(),
+                (randn(&[b, nk, h * d], 94) * 2.0).unwrap(),
+                randn(&[b, nk, h * d], 95),
+            ];
+            let split = |t: &Tensor| {
+                let n = t.dim(1).unwrap();
+                t.reshape((b, n, h, d))
+                    .unwrap()
+                    .transpose(1, 2)
+                    .unwrap()
+                    .contiguous()
+                    .unwrap()
+            };
+            check(
+                &format!("attention over tokens {nq}x{nk}, d {d}, causal {causal}"),
+                &inputs,
+                &|t| attention_tokens(&t[0], &t[1], &t[2], h, 0.3, causal).unwrap(),
+                &|t| {
+                    let (q, k, v) = (split(&t[0]), split(&t[1]), split(&t[2]));
+                    let out = if causal {
+                        causal_attention(&q, &k, &v, 0.3)
+                    } else {
+                        attention(&q, &k, &v, 0.3)
+                    };
+                    out.unwrap()
+                        .transpose(1, 2)
+                        .unwrap()
+                        .reshape((b, nq, h * d))
+                        .unwrap()
+                },
+                1e-12,
+            );
+        }
+        let q = randn(&[2, 5, 12], 96);
+        let err = attention_tokens(&q, &q, &q, 5, 0.3, false)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("q [2, 5, 12]"), "{err}");
     }
 
     #[test]
