@@ -243,10 +243,9 @@ pub struct BatchConfig {
     pub caption_tag_dropout: f64,
     pub caption_keep_tags: usize,
     /// Shuffle the tags after the first `caption_keep_tags` each time a caption is used
-    /// (kohya's `shuffle_caption`). A text encoder reads a tag in the light of the tags before
-    /// it, so captions that always list their tags in one order teach a tag's meaning only in
-    /// that company: the default model trained without it drew "glasses" for 4-6 of 10 seeds
-    /// after "green hair" and for 10 of 10 when the prompt put "glasses" first.
+    /// (kohya's `shuffle_caption`). A causal text encoder reads a tag in the light of the tags
+    /// before it, so captions that always list their tags in one order teach a tag only in that
+    /// company, and a prompt that orders them otherwise is out of the training distribution.
     pub caption_shuffle_tags: bool,
     /// Stop at the first unreadable image instead of skipping it.
     pub strict: bool,
