@@ -940,10 +940,9 @@ fn tag_shuffling_keeps_the_leading_tags_and_draws_every_order_of_the_others_even
     }
 }
 
-#[test]
-fn batches_shuffle_their_captions_tags_when_asked() -> Result<()> {
-    let dir = scratch("data-shuffle");
-    let items: Vec<CaptionedImage> = image_dataset(&dir, 2)
+/// Batches of `n` images captioned "caption {i}, tag a, tag b", each sample its index.
+fn tagged_caption_batcher(dir: &Path, n: usize, config: BatchConfig) -> Result<Batcher> {
+    let items: Vec<CaptionedImage> = image_dataset(dir, n)
         .into_iter()
         .map(|mut item| {
             item.caption = format!("{}, tag a, tag b", item.caption);
@@ -954,12 +953,23 @@ fn batches_shuffle_their_captions_tags_when_asked() -> Result<()> {
         Arc::new(|_: &CaptionedImage, i: usize, _: &mut ChaCha8Rng| {
             Ok(Tensor::new(&[i as f32], &Device::Cpu)?)
         });
+    Ok(Batcher::new(
+        Arc::new(items),
+        load,
+        config,
+        DataPosition::default(),
+    )?)
+}
+
+#[test]
+fn batches_shuffle_their_captions_tags_when_asked() -> Result<()> {
+    let dir = scratch("data-shuffle");
     let config = BatchConfig {
         caption_keep_tags: 1,
         caption_shuffle_tags: true,
         ..batch_config(100, 0.0, false)
     };
-    let mut batcher = Batcher::new(Arc::new(items), load, config, DataPosition::default())?;
+    let mut batcher = tagged_caption_batcher(&dir, 2, config)?;
     let mut seen = std::collections::HashMap::new();
     for _ in 0..10 {
         let batch = batcher.next_batch()?;
@@ -980,23 +990,12 @@ fn batches_shuffle_their_captions_tags_when_asked() -> Result<()> {
 #[test]
 fn batches_apply_tag_dropout_to_their_captions() -> Result<()> {
     let dir = scratch("data-tags");
-    let items: Vec<CaptionedImage> = image_dataset(&dir, 4)
-        .into_iter()
-        .map(|mut item| {
-            item.caption = format!("{}, tag a, tag b", item.caption);
-            item
-        })
-        .collect();
-    let load: sd_rs::train::data::LoadFn =
-        Arc::new(|_: &CaptionedImage, i: usize, _: &mut ChaCha8Rng| {
-            Ok(Tensor::new(&[i as f32], &Device::Cpu)?)
-        });
     let config = BatchConfig {
         caption_tag_dropout: 0.5,
         caption_keep_tags: 1,
         ..batch_config(100, 0.0, false)
     };
-    let mut batcher = Batcher::new(Arc::new(items), load, config, DataPosition::default())?;
+    let mut batcher = tagged_caption_batcher(&dir, 4, config)?;
     let mut seen = std::collections::HashMap::new();
     for _ in 0..10 {
         let batch = batcher.next_batch()?;
