@@ -208,11 +208,18 @@ impl EpochSampler {
     /// The order of epoch `epoch`: a Fisher-Yates shuffle of 0..len.
     pub fn order(&self, epoch: u64) -> Vec<usize> {
         let mut order: Vec<usize> = (0..self.len).collect();
-        let mut rng = rng_for(self.seed, epoch, 0, Stream::Shuffle);
-        for i in (1..self.len).rev() {
-            order.swap(i, uniform_below(&mut rng, i as u32 + 1) as usize);
-        }
+        shuffle(
+            &mut order,
+            &mut rng_for(self.seed, epoch, 0, Stream::Shuffle),
+        );
         order
+    }
+}
+
+/// Fisher-Yates shuffle of `items` in place.
+fn shuffle<T>(items: &mut [T], rng: &mut impl RngCore) {
+    for i in (1..items.len()).rev() {
+        items.swap(i, uniform_below(rng, i as u32 + 1) as usize);
     }
 }
 
@@ -273,10 +280,7 @@ pub fn drop_tags(caption: &str, rate: f64, keep: usize, rng: &mut impl RngCore) 
     if rate <= 0.0 {
         return caption.to_string();
     }
-    let kept: Vec<&str> = caption
-        .split(',')
-        .map(str::trim)
-        .filter(|tag| !tag.is_empty())
+    let kept: Vec<&str> = tags(caption)
         .enumerate()
         .filter(|&(i, _)| i < keep || unit_f64(rng) >= rate)
         .map(|(_, tag)| tag)
@@ -284,19 +288,20 @@ pub fn drop_tags(caption: &str, rate: f64, keep: usize, rng: &mut impl RngCore) 
     kept.join(", ")
 }
 
-/// `caption` with its tags after the first `keep` in a random order (Fisher-Yates).
+/// `caption` with its tags after the first `keep` in a random order.
 pub fn shuffle_tags(caption: &str, keep: usize, rng: &mut impl RngCore) -> String {
-    let mut tags: Vec<&str> = caption
+    let mut tags: Vec<&str> = tags(caption).collect();
+    let start = keep.min(tags.len());
+    shuffle(&mut tags[start..], rng);
+    tags.join(", ")
+}
+
+/// The comma-separated tags of a caption, trimmed, empty ones left out.
+fn tags(caption: &str) -> impl Iterator<Item = &str> {
+    caption
         .split(',')
         .map(str::trim)
         .filter(|tag| !tag.is_empty())
-        .collect();
-    let start = keep.min(tags.len());
-    let rest = &mut tags[start..];
-    for i in (1..rest.len()).rev() {
-        rest.swap(i, uniform_below(rng, i as u32 + 1) as usize);
-    }
-    tags.join(", ")
 }
 
 /// An image that could not be used, with why.
