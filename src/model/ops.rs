@@ -2759,6 +2759,36 @@ pub fn conv2d(
     }
 }
 
+/// The gradients (dx, dw, db) of [`conv2d`] for the output gradient `dy`, as its backward pass
+/// computes them: for timing the backward alone (`examples/train_convs.rs`).
+pub fn conv2d_backward(
+    x: &Tensor,
+    weight: &Tensor,
+    bias: Option<&Tensor>,
+    stride: usize,
+    pad: [usize; 4],
+    dy: &Tensor,
+) -> Result<(Tensor, Tensor, Option<Tensor>)> {
+    let (b, c, h, w) = x.dims4()?;
+    let (_, _, kh, kw) = weight.dims4()?;
+    let op = ConvOp(ConvGeom {
+        b,
+        c,
+        h,
+        w,
+        kh,
+        kw,
+        stride,
+        pad,
+    });
+    op.bwd_impl(
+        &x.contiguous()?,
+        &weight.contiguous()?,
+        bias,
+        &dy.contiguous()?,
+    )
+}
+
 /// A 3x3 convolution (stride 1, padding 1, with bias) whose kernels were transformed once by
 /// [`winograd_kernels`]: forward only, for inference (see [`conv2d_fixed_weights`]).
 struct WinogradOp {
