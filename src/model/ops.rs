@@ -799,8 +799,14 @@ type Rows<T> = [T; ROWS];
 /// `out[c][r] = x[(r0 + r) * d + c] * scale` for the block starting at row `r0` (zero past the
 /// last row).
 #[inline(always)]
-fn block_transposed<T: Real>(x: &[T], r0: usize, d: usize, scale: T, out: &mut [Rows<T>]) {
-    let rows = (x.len() / d - r0).min(ROWS);
+fn block_transposed<T: Real, const R: usize>(
+    x: &[T],
+    r0: usize,
+    d: usize,
+    scale: T,
+    out: &mut [[T; R]],
+) {
+    let rows = (x.len() / d - r0).min(R);
     for (c, o) in out.iter_mut().enumerate() {
         for (r, o) in o.iter_mut().enumerate() {
             *o = if r < rows {
@@ -1063,9 +1069,9 @@ fn attention_head_fwd_gemm<T: Real>(
 /// horizontal sum per key and channel: most of the backward's time with the default model's
 /// 8-wide heads.)
 #[inline(always)]
-fn accumulate_dk_dv<T: Real, const D: usize, const J: usize>(
-    pt: &[Rows<T>],
-    dst: &[Rows<T>],
+fn accumulate_dk_dv<T: Real, const R: usize, const D: usize, const J: usize>(
+    pt: &[[T; R]],
+    dst: &[[T; R]],
     q: &[T],
     dout: &[T],
     dk: &mut [T],
@@ -1095,8 +1101,257 @@ fn accumulate_dk_dv<T: Real, const D: usize, const J: usize>(
     // The last keys, fewer than J: one at a time.
     if whole < pt.len() {
         let (dk, dv) = (&mut dk[whole * D..], &mut dv[whole * D..]);
-        accumulate_dk_dv::<T, { D }, 1>(&pt[whole..], &dst[whole..], q, dout, dk, dv);
+        accumulate_dk_dv::<T, R, { D }, 1>(&pt[whole..], &dst[whole..], q, dout, dk, dv);
     }
+}
+
+// Narrow heads (8 or 16 wide, the shipped model's): a head's few multiply-adds per score make
+// the passes over a block's scores the cost, so these kernels make fewer of them. The scores'
+// pass also takes each row's maximum; the forward's exponentials, row sums and the product
+// with v are one pass over sub-blocks of W rows whose D x W accumulators stay in registers
+// (the general kernels reread all scores from the L2 cache once per channel); the backward's
+// dq is made in its ds pass the same way, and its softmax centre is do . o (the forward's
+// output) instead of a pass over the scores. Blocks of R = 16 to 128 rows fit the head, so that
+// a 64-query head does not compute 64 rows of padding.
+
+/// The rows of `x`, `D` values each, as arrays: fixed lengths let the compiler unroll the loops
+/// over a row and keep their accumulators in registers.
+#[inline(always)]
+fn rows_of<T, const D: usize>(x: &[T]) -> impl Iterator<Item = &[T; D]> {
+    x.chunks_exact(D)
+        .map(|row| row.try_into().expect("chunks of D"))
+}
+
+/// `x[at..at + W]` as an array.
+#[inline(always)]
+fn window<T, const W: usize>(x: &[T], at: usize) -> &[T; W] {
+    x[at..at + W].try_into().expect("W values")
+}
+
+/// `acc[i][w] = sum_j x_j[c + i] * rows[j][w]` for four channels c..c + 4 of the rows `x_j`
+/// (`D` values each): four accumulators, so that additions over j do not wait on one another,
+/// and one pass over `rows` for the four.
+#[inline(always)]
+fn four_channels<T: Real, const D: usize, const W: usize>(
+    rows: impl Iterator<Item = [T; W]>,
+    x: &[T],
+    c: usize,
+) -> [[T; W]; 4] {
+    let (mut a0, mut a1, mut a2, mut a3) = (
+        [T::zero(); W],
+        [T::zero(); W],
+        [T::zero(); W],
+        [T::zero(); W],
+    );
+    for (row, xj) in rows.zip(rows_of::<T, { D }>(x)) {
+        let (x0, x1, x2, x3) = (xj[c], xj[c + 1], xj[c + 2], xj[c + 3]);
+        for w in 0..W {
+            a0[w] += x0 * row[w];
+            a1[w] += x1 * row[w];
+            a2[w] += x2 * row[w];
+            a3[w] += x3 * row[w];
+        }
+    }
+    [a0, a1, a2, a3]
+}
+
+/// The narrow kernels' rows per block for `nq` queries.
+fn narrow_block_rows(nq: usize) -> usize {
+    nq.next_power_of_two().clamp(16, ROWS)
+}
+
+/// Scores s = qt . k_j of a block (`qt`: (D, R), scaled) for every key into `st` (nk, R), and
+/// each row's maximum.
+#[inline(always)]
+fn scores_and_max<T: Real, const R: usize, const D: usize>(
+    qt: &[[T; R]; D],
+    k: &[T],
+    st: &mut [[T; R]],
+) -> [T; R] {
+    let mut max = [T::from_f64(f64::NEG_INFINITY); R];
+    for (s, kj) in st.iter_mut().zip(rows_of::<T, { D }>(k)) {
+        let mut acc = [T::zero(); R];
+        for c in 0..D {
+            for r in 0..R {
+                acc[r] += kj[c] * qt[c][r];
+            }
+        }
+        for r in 0..R {
+            max[r] = if acc[r] > max[r] { acc[r] } else { max[r] };
+        }
+        *s = acc;
+    }
+    max
+}
+
+/// [`attention_head_fwd`] for heads `D` wide (not causal), in blocks of `R` rows and
+/// sub-blocks of `W`.
+#[inline(always)]
+fn narrow_head_fwd<T: Real, const R: usize, const D: usize, const W: usize>(
+    q: &[T],
+    k: &[T],
+    v: &[T],
+    o: &mut [T],
+    scale: T,
+) {
+    let (nq, nk) = (q.len() / D, k.len() / D);
+    let mut qt = [[T::zero(); R]; D];
+    let mut st = vec![[T::zero(); R]; nk];
+    // A sub-block's probabilities, (nk, W): in the L1 cache for the D passes of p v.
+    let mut pw = vec![[T::zero(); W]; nk];
+    for r0 in (0..nq).step_by(R) {
+        let rows = (nq - r0).min(R);
+        block_transposed(q, r0, D, scale, &mut qt);
+        let max = scores_and_max(&qt, k, &mut st);
+        for w0 in (0..rows).step_by(W) {
+            let m = window::<T, { W }>(&max, w0);
+            let mut sum = [T::zero(); W];
+            for (p, s) in pw.iter_mut().zip(&st) {
+                let s = window::<T, { W }>(s, w0);
+                for w in 0..W {
+                    p[w] = (s[w] - m[w]).exp();
+                    sum[w] += p[w];
+                }
+            }
+            for c in (0..D).step_by(4) {
+                let acc = four_channels::<T, { D }, { W }>(pw.iter().copied(), v, c);
+                for w in 0..W.min(rows - w0) {
+                    for (i, acc) in acc.iter().enumerate() {
+                        o[(r0 + w0 + w) * D + c + i] = acc[w] / sum[w];
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// [`attention_head_bwd`] for heads `D` wide (not causal), in blocks of `R` rows and
+/// sub-blocks of `W`; `o` is the forward's output.
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+fn narrow_head_bwd<T: Real, const R: usize, const D: usize, const W: usize, const J: usize>(
+    q: &[T],
+    k: &[T],
+    v: &[T],
+    o: &[T],
+    dout: &[T],
+    dq: &mut [T],
+    dk: &mut [T],
+    dv: &mut [T],
+    scale: T,
+) {
+    let (nq, nk) = (q.len() / D, k.len() / D);
+    let (mut qt, mut dot) = ([[T::zero(); R]; D], [[T::zero(); R]; D]);
+    let (mut pt, mut dst) = (vec![[T::zero(); R]; nk], vec![[T::zero(); R]; nk]);
+    for r0 in (0..nq).step_by(R) {
+        let rows = (nq - r0).min(R);
+        block_transposed(q, r0, D, scale, &mut qt);
+        block_transposed(dout, r0, D, T::one(), &mut dot);
+        let max = scores_and_max(&qt, k, &mut pt);
+        let mut sum = [T::zero(); R];
+        for p in pt.iter_mut() {
+            for r in 0..R {
+                p[r] = (p[r] - max[r]).exp();
+                sum[r] += p[r];
+            }
+        }
+        let inv: [T; R] = std::array::from_fn(|r| T::one() / sum[r]);
+        // centre_r = sum_j p_jr (do_r . v_j) = do_r . o_r
+        let mut centre = [T::zero(); R];
+        let (ob, dob) = (&o[r0 * D..][..rows * D], &dout[r0 * D..][..rows * D]);
+        for (c, (o_r, do_r)) in centre
+            .iter_mut()
+            .zip(rows_of::<T, { D }>(ob).zip(rows_of::<T, { D }>(dob)))
+        {
+            for i in 0..D {
+                *c += o_r[i] * do_r[i];
+            }
+        }
+        // p_jr normalised in place; ds_jr = scale p_jr (do_r . v_j - centre_r).
+        for ((p, ds), vj) in pt
+            .iter_mut()
+            .zip(dst.iter_mut())
+            .zip(rows_of::<T, { D }>(v))
+        {
+            let mut dp = [T::zero(); R];
+            for c in 0..D {
+                let vjc = vj[c];
+                for r in 0..R {
+                    dp[r] += vjc * dot[c][r];
+                }
+            }
+            for r in 0..R {
+                p[r] *= inv[r];
+                ds[r] = p[r] * (dp[r] - centre[r]) * scale;
+            }
+        }
+        // dq_r = sum_j ds_jr k_j, a sub-block of rows at a time (its ds in the L1 cache).
+        for w0 in (0..rows).step_by(W) {
+            for c in (0..D).step_by(4) {
+                let ds = dst.iter().map(|ds| *window::<T, { W }>(ds, w0));
+                let acc = four_channels::<T, { D }, { W }>(ds, k, c);
+                for w in 0..W.min(rows - w0) {
+                    for (i, acc) in acc.iter().enumerate() {
+                        dq[(r0 + w0 + w) * D + c + i] = acc[w];
+                    }
+                }
+            }
+        }
+        let qb = &q[r0 * D..][..rows * D];
+        accumulate_dk_dv::<T, R, { D }, J>(&pt, &dst, qb, dob, dk, dv);
+    }
+}
+
+multiversion! {
+    /// [`narrow_head_fwd`] for `d` = 8 or 16 and its block and sub-block sizes.
+    fn narrow_fwd<T: Real>(q: &[T], k: &[T], v: &[T], o: &mut [T], d: usize, scale: f64) {
+        let s = T::from_f64(scale);
+        match (d, narrow_block_rows(q.len() / d)) {
+            (8, 16) => narrow_head_fwd::<T, 16, 8, 16>(q, k, v, o, s),
+            (8, 32) => narrow_head_fwd::<T, 32, 8, 32>(q, k, v, o, s),
+            (8, 64) => narrow_head_fwd::<T, 64, 8, 32>(q, k, v, o, s),
+            (8, _) => narrow_head_fwd::<T, 128, 8, 32>(q, k, v, o, s),
+            (16, 16) => narrow_head_fwd::<T, 16, 16, 16>(q, k, v, o, s),
+            (16, 32) => narrow_head_fwd::<T, 32, 16, 16>(q, k, v, o, s),
+            (16, 64) => narrow_head_fwd::<T, 64, 16, 16>(q, k, v, o, s),
+            (16, _) => narrow_head_fwd::<T, 128, 16, 16>(q, k, v, o, s),
+            _ => unreachable!("narrow heads are 8 or 16 wide"),
+        }
+    }
+}
+
+multiversion! {
+    /// [`narrow_head_bwd`] for `d` = 8 or 16 and its block and sub-block sizes.
+    fn narrow_bwd<T: Real>(
+        q: &[T],
+        k: &[T],
+        v: &[T],
+        o: &[T],
+        dout: &[T],
+        dq: &mut [T],
+        dk: &mut [T],
+        dv: &mut [T],
+        d: usize,
+        scale: f64,
+    ) {
+        let s = T::from_f64(scale);
+        match (d, narrow_block_rows(q.len() / d)) {
+            (8, 16) => narrow_head_bwd::<T, 16, 8, 16, 4>(q, k, v, o, dout, dq, dk, dv, s),
+            (8, 32) => narrow_head_bwd::<T, 32, 8, 32, 4>(q, k, v, o, dout, dq, dk, dv, s),
+            (8, 64) => narrow_head_bwd::<T, 64, 8, 32, 4>(q, k, v, o, dout, dq, dk, dv, s),
+            (8, _) => narrow_head_bwd::<T, 128, 8, 32, 4>(q, k, v, o, dout, dq, dk, dv, s),
+            (16, 16) => narrow_head_bwd::<T, 16, 16, 16, 2>(q, k, v, o, dout, dq, dk, dv, s),
+            (16, 32) => narrow_head_bwd::<T, 32, 16, 16, 2>(q, k, v, o, dout, dq, dk, dv, s),
+            (16, 64) => narrow_head_bwd::<T, 64, 16, 16, 2>(q, k, v, o, dout, dq, dk, dv, s),
+            (16, _) => narrow_head_bwd::<T, 128, 16, 16, 2>(q, k, v, o, dout, dq, dk, dv, s),
+            _ => unreachable!("narrow heads are 8 or 16 wide"),
+        }
+    }
+}
+
+/// Whether a head goes to the narrow kernels.
+fn attention_is_narrow(d: usize, causal: bool) -> bool {
+    (d == 8 || d == 16) && !causal
 }
 
 multiversion! {
@@ -1148,11 +1403,11 @@ multiversion! {
             // dv_j += sum_r p_jr do_r; dk_j += sum_r ds_jr q_r
             let (qb, dob) = (&q[r0 * d..][..rows * d], &dout[r0 * d..][..rows * d]);
             match d {
-                8 => accumulate_dk_dv::<T, 8, 4>(&pt, &dst, qb, dob, dk, dv),
-                16 => accumulate_dk_dv::<T, 16, 2>(&pt, &dst, qb, dob, dk, dv),
-                32 => accumulate_dk_dv::<T, 32, 1>(&pt, &dst, qb, dob, dk, dv),
-                40 => accumulate_dk_dv::<T, 40, 1>(&pt, &dst, qb, dob, dk, dv),
-                64 => accumulate_dk_dv::<T, 64, 1>(&pt, &dst, qb, dob, dk, dv),
+                8 => accumulate_dk_dv::<T, ROWS, 8, 4>(&pt, &dst, qb, dob, dk, dv),
+                16 => accumulate_dk_dv::<T, ROWS, 16, 2>(&pt, &dst, qb, dob, dk, dv),
+                32 => accumulate_dk_dv::<T, ROWS, 32, 1>(&pt, &dst, qb, dob, dk, dv),
+                40 => accumulate_dk_dv::<T, ROWS, 40, 1>(&pt, &dst, qb, dob, dk, dv),
+                64 => accumulate_dk_dv::<T, ROWS, 64, 1>(&pt, &dst, qb, dob, dk, dv),
                 _ => {
                     // The unscaled queries transposed, needed by this path only.
                     block_transposed(q, r0, d, T::one(), &mut qt);
@@ -1198,6 +1453,7 @@ struct AttentionOp {
 /// A task's copies of its head's rows (token layout) and its results.
 struct HeadScratch<T> {
     q: Vec<T>,
+    o: Vec<T>,
     k: Vec<T>,
     v: Vec<T>,
     dout: Vec<T>,
@@ -1211,6 +1467,7 @@ impl<T> Default for HeadScratch<T> {
         let v = Vec::new;
         Self {
             q: v(),
+            o: v(),
             k: v(),
             v: v(),
             dout: v(),
@@ -1315,6 +1572,8 @@ impl AttentionOp {
                 let ho = zeroed(&mut s.out, nq * d);
                 if attention_uses_gemm(nq, nk, d) {
                     attention_head_fwd_gemm(hq, hk, hv, ho, nk, d, self.scale, self.causal);
+                } else if attention_is_narrow(d, self.causal) {
+                    narrow_fwd(hq, hk, hv, ho, d, self.scale);
                 } else {
                     attention_head_fwd(hq, hk, hv, ho, nk, d, self.scale, self.causal);
                 }
@@ -1324,12 +1583,14 @@ impl AttentionOp {
         o
     }
 
-    /// (dq, dk, dv)
+    /// (dq, dk, dv); `o` is the forward's output.
+    #[allow(clippy::too_many_arguments)]
     fn bwd_impl<T: Real>(
         &self,
         q: &[T],
         k: &[T],
         v: &[T],
+        o: &[T],
         dout: &[T],
         (heads, nq, nk, d): (usize, usize, usize, usize),
     ) -> (Vec<T>, Vec<T>, Vec<T>) {
@@ -1351,19 +1612,24 @@ impl AttentionOp {
                 let hdq = zeroed(&mut s.out, nq * d);
                 let hdk = zeroed(&mut s.dk, nk * d);
                 let hdv = zeroed(&mut s.dv, nk * d);
-                attention_head_bwd(
-                    hq,
-                    hk,
-                    hv,
-                    hdo,
-                    hdq,
-                    hdk,
-                    hdv,
-                    nk,
-                    d,
-                    self.scale,
-                    self.causal,
-                );
+                if attention_is_narrow(d, self.causal) {
+                    let ho = self.head(o, g, (nq, d), &mut s.o);
+                    narrow_bwd(hq, hk, hv, ho, hdo, hdq, hdk, hdv, d, self.scale);
+                } else {
+                    attention_head_bwd(
+                        hq,
+                        hk,
+                        hv,
+                        hdo,
+                        hdq,
+                        hdk,
+                        hdv,
+                        nk,
+                        d,
+                        self.scale,
+                        self.causal,
+                    );
+                }
                 let (pq, pk, pv) = ptrs;
                 // SAFETY: dq, dk and dv hold every head's rows; head g is this task's alone.
                 unsafe {
@@ -1404,14 +1670,14 @@ impl CustomOp3 for AttentionOp {
         q: &Tensor,
         k: &Tensor,
         v: &Tensor,
-        _res: &Tensor,
+        res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let _profile = crate::profile::scope("attention backward", q.device());
         let dims = self.dims(q.dims(), k.dims(), v.dims())?;
         let (dq, dk, dv) = dispatch_dtype!(self.name(), q.dtype(), T => {
-            with_data::<T, _>(&[q, k, v, grad], |t| {
-                let (dq, dk, dv) = self.bwd_impl(t[0], t[1], t[2], t[3], dims);
+            with_data::<T, _>(&[q, k, v, res, grad], |t| {
+                let (dq, dk, dv) = self.bwd_impl(t[0], t[1], t[2], t[3], t[4], dims);
                 Ok((
                     cpu_tensor(dq, q.shape())?,
                     cpu_tensor(dk, k.shape())?,
@@ -3212,11 +3478,18 @@ mod tests {
         assert_eq!(linear_column_parts(8192, 320, 2), None);
         assert_eq!(linear_column_parts(1024, 128, 2), None);
         // The backward's accumulation of dk and dv has its own code for some widths (8, with
-        // keys four at a time: 70 leaves two; 16; 40) and a general one (5, 20).
+        // keys four at a time: 70 leaves two; 16; 40) and a general one (5, 20). Heads 8 and
+        // 16 wide go to the narrow kernels, in blocks of 16 (9 rows: a partial sub-block), 32
+        // (20 rows: a whole sub-block of 16 and a partial one), 64 (45 rows) and 128 rows (300:
+        // two whole blocks and a partial one whose last sub-block is partial).
         for (nq, nk, d) in [
             (140, 70, 5),
             (9, 4, 5),
             (140, 70, 8),
+            (9, 4, 8),
+            (20, 33, 16),
+            (45, 45, 16),
+            (300, 80, 8),
             (70, 70, 16),
             (130, 80, 20),
             (300, 80, 20),
