@@ -1077,13 +1077,19 @@ fn accumulate_dk_dv<T: Real, const R: usize, const D: usize, const J: usize>(
     dk: &mut [T],
     dv: &mut [T],
 ) {
+    let rows = q.len() / D;
+    assert!(rows <= R && dout.len() >= rows * D);
     let whole = pt.len() - pt.len() % J;
     for j0 in (0..whole).step_by(J) {
         let mut sum_v = [[T::zero(); D]; J];
         let mut sum_k = [[T::zero(); D]; J];
-        for (r, (q_r, do_r)) in q.chunks_exact(D).zip(dout.chunks_exact(D)).enumerate() {
+        let p: [&[T; R]; J] = std::array::from_fn(|jj| &pt[j0 + jj]);
+        let ds: [&[T; R]; J] = std::array::from_fn(|jj| &dst[j0 + jj]);
+        for r in 0..rows {
+            let q_r: &[T; D] = q[r * D..][..D].try_into().expect("D values");
+            let do_r: &[T; D] = dout[r * D..][..D].try_into().expect("D values");
             for jj in 0..J {
-                let (p, ds) = (pt[j0 + jj][r], dst[j0 + jj][r]);
+                let (p, ds) = (p[jj][r], ds[jj][r]);
                 for c in 0..D {
                     sum_v[jj][c] += p * do_r[c];
                     sum_k[jj][c] += ds * q_r[c];
