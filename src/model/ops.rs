@@ -2431,6 +2431,17 @@ impl ConvGeom {
         (oh, ow)
     }
 
+    /// A 1x1 convolution with stride 1 and no padding over images of at least 64 pixels: a
+    /// GEMM per image on its planes as they lie. (Smaller images go side by side through
+    /// im2col, whose wider GEMMs suit the GEMM's 64-pixel kernels better.)
+    fn is_pointwise(&self) -> bool {
+        self.kh == 1
+            && self.kw == 1
+            && self.stride == 1
+            && self.pad == [0; 4]
+            && self.h * self.w >= 64
+    }
+
     /// The output columns `ox` whose input column `ox * stride + kx - pad_left` is inside.
     fn valid_ox(&self, kx: usize, ow: usize) -> std::ops::Range<usize> {
         let s = self.stride as isize;
@@ -2639,6 +2650,43 @@ impl ConvOp {
             Some(bias) => bias[i % c_out],
             None => T::zero(),
         });
+        if g.is_pointwise() {
+            // Each image's planes are already its GEMM operand, (C, H·W): no im2col copy.
+            let inner = gemm_threads(if g.b >= 2 * rayon::current_num_threads() {
+                1
+            } else {
+                rayon::current_num_threads()
+            });
+            out.par_chunks_mut(c_out * plane)
+                .zip(x.par_chunks(g.c * plane))
+                .for_each(|(out, x)| {
+                    // SAFETY: out (c_out, plane), w (c_out, c) and x (c, plane), row-major.
+                    unsafe {
+                        gemm::gemm(
+                            c_out,
+                            plane,
+                            g.c,
+                            out.as_mut_ptr(),
+                            1,
+                            plane as isize,
+                            b.is_some(),
+                            w.as_ptr(),
+                            1,
+                            g.c as isize,
+                            x.as_ptr(),
+                            1,
+                            plane as isize,
+                            T::one(),
+                            T::one(),
+                            false,
+                            false,
+                            false,
+                            inner,
+                        )
+                    }
+                });
+            return out;
+        }
         let mut rows = (BAND_VALUES / (k * ow)).clamp(1, oh);
         // Whole bands of 64 pixels where the image has more rows than a band: the GEMM is
         // vectorised over 64 pixels at a time and runs a narrower, slower kernel on the rest
@@ -2855,14 +2903,30 @@ impl ConvOp {
             let mut db = vec![T::zero(); if bias { c_out } else { 0 }];
             // Images side by side in one GEMM, as in the forward pass (see
             // `images_per_gemm`): the GEMM's inner dimension is their pixels.
-            let group = ConvGeom::images_per_gemm(k, plane, images.len(), 1);
-            let mut cols = vec![T::zero(); k * plane * group];
+            // A pointwise convolution's image is its own im2col block.
+            let group = if g.is_pointwise() {
+                1
+            } else {
+                ConvGeom::images_per_gemm(k, plane, images.len(), 1)
+            };
+            let mut cols = vec![
+                T::zero();
+                if g.is_pointwise() {
+                    0
+                } else {
+                    k * plane * group
+                }
+            ];
             let mut dy_group = vec![T::zero(); if group > 1 { c_out * plane * group } else { 0 }];
             for chunk in images.chunks(group) {
                 let (b0, count) = (chunk[0], chunk.len());
                 let n = count * plane;
-                let cols = &mut cols[..k * n];
-                g.im2col_block(x, (b0, count), (0, oh), cols);
+                let cols: &[T] = if g.is_pointwise() {
+                    &x[b0 * k * plane..][..k * n]
+                } else {
+                    g.im2col_block(x, (b0, count), (0, oh), &mut cols[..k * n]);
+                    &cols[..k * n]
+                };
                 let dy = &dy[b0 * c_out * plane..][..count * c_out * plane];
                 // dy in the same column order as `cols`: (c_out, images side by side).
                 let dy_rows: &[T] = if count == 1 {
@@ -3833,6 +3897,10 @@ mod tests {
             ([2, 3, 7, 7], 5, 3, 2, 1),
             ([1, 4, 9, 9], 2, 3, 2, 0),
             ([2, 6, 5, 5], 3, 1, 1, 0),
+            // A pointwise convolution over 72 pixels: a GEMM per image on its planes (with
+            // gemm's own threads for 2 images on two workers, single-threaded ones for 5).
+            ([2, 6, 8, 9], 3, 1, 1, 0),
+            ([5, 6, 8, 9], 3, 1, 1, 0),
             // Small images, several to a GEMM, the last GEMM with fewer (see
             // `images_per_gemm_groups_small_images`).
             ([9, 3, 4, 4], 4, 3, 1, 1),
