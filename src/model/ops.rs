@@ -1778,12 +1778,12 @@ multiversion! {
         for ((o, h), dy) in dh.chunks_mut(2 * inner).zip(h.chunks(2 * inner)).zip(dy.chunks(inner)) {
             let (value, gate) = h.split_at(inner);
             let (d_value, d_gate) = o.split_at_mut(inner);
-            for j in 0..inner {
-                let (v, g, gy) = (value[j], gate[j], dy[j]);
+            let inputs = value.iter().zip(gate).zip(dy);
+            for ((dv, dg), ((&v, &g), &gy)) in d_value.iter_mut().zip(d_gate).zip(inputs) {
                 let cdf = half * (T::one() + (g * inv_sqrt2).erf());
                 let pdf = c * (T::zero() - half * g * g).exp();
-                d_value[j] = gy * g * cdf;
-                d_gate[j] = gy * v * (cdf + g * pdf);
+                *dv = gy * g * cdf;
+                *dg = gy * v * (cdf + g * pdf);
             }
         }
     }
@@ -2501,6 +2501,17 @@ impl ConvGeom {
         out: &mut [T],
     ) {
         let (_, ow) = self.out_hw();
+        if self.stride == 1 {
+            // Const widths turn each row's copy into a few vector moves (a call to memcpy
+            // per row of 16 values, and the edge tests, were most of im2col's time).
+            return match ow {
+                4 => self.im2col_stride1::<T, 4>(x, (b0, count), (oy0, oy1), out),
+                8 => self.im2col_stride1::<T, 8>(x, (b0, count), (oy0, oy1), out),
+                16 => self.im2col_stride1::<T, 16>(x, (b0, count), (oy0, oy1), out),
+                32 => self.im2col_stride1::<T, 32>(x, (b0, count), (oy0, oy1), out),
+                _ => self.im2col_stride1::<T, 0>(x, (b0, count), (oy0, oy1), out),
+            };
+        }
         let plane = self.h * self.w;
         let per_image = (oy1 - oy0) * ow;
         for (k, dst) in out.chunks_exact_mut(count * per_image).enumerate() {
@@ -2509,6 +2520,55 @@ impl ConvGeom {
                 let src_plane = &x[(b * self.c + c) * plane..][..plane];
                 for (oy, dst) in (oy0..oy1).zip(dst.chunks_exact_mut(ow)) {
                     self.tap_row(src_plane, ky, kx, oy, dst);
+                }
+            }
+        }
+    }
+
+    /// [`Self::im2col_block`] for stride 1, with `OW` the output width (0: any width). Each
+    /// (image, channel) plane's rows for the band are first laid out with their zero padding,
+    /// so that every kernel tap's rows are plain copies of `ow` values from that buffer.
+    fn im2col_stride1<T: WithDType, const OW: usize>(
+        &self,
+        x: &[T],
+        (b0, count): (usize, usize),
+        (oy0, oy1): (usize, usize),
+        out: &mut [T],
+    ) {
+        let (_, ow) = self.out_hw();
+        debug_assert!(OW == 0 || OW == ow);
+        let [top, _, left, right] = self.pad;
+        let (plane, per_image) = (self.h * self.w, (oy1 - oy0) * ow);
+        // Padded rows oy0..oy1 + kh - 1 of one plane, each `pw` wide.
+        let pw = left + self.w + right;
+        let mut padded = vec![T::zero(); (oy1 - oy0 + self.kh - 1) * pw];
+        let taps = self.kh * self.kw;
+        for c in 0..self.c {
+            for b in b0..b0 + count {
+                let src = &x[(b * self.c + c) * plane..][..plane];
+                for (py, row) in (oy0..).zip(padded.chunks_exact_mut(pw)) {
+                    match py.checked_sub(top).filter(|&iy| iy < self.h) {
+                        Some(iy) => {
+                            row[..left].fill(T::zero());
+                            row[left..left + self.w].copy_from_slice(&src[iy * self.w..][..self.w]);
+                            row[left + self.w..].fill(T::zero());
+                        }
+                        None => row.fill(T::zero()),
+                    }
+                }
+                for tap in 0..taps {
+                    let (ky, kx) = (tap / self.kw, tap % self.kw);
+                    let k = c * taps + tap;
+                    let dst = &mut out[(k * count + b - b0) * per_image..][..per_image];
+                    for (r, dst) in dst.chunks_exact_mut(ow).enumerate() {
+                        let src = &padded[(r + ky) * pw + kx..];
+                        if OW > 0 {
+                            let dst: &mut [T; OW] = dst.try_into().expect("OW values");
+                            dst.copy_from_slice(&src[..OW]);
+                        } else {
+                            dst.copy_from_slice(&src[..ow]);
+                        }
+                    }
                 }
             }
         }
