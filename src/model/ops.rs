@@ -664,11 +664,12 @@ multiversion! {
         for ((dx, x), dy) in dx.chunks_mut(d).zip(x.chunks(d)).zip(dy.chunks(d)) {
             let (mean, rstd) = moments(x, eps);
             let (mean, rstd) = (T::from_f64(mean), T::from_f64(rstd));
-            for j in 0..d {
-                let xhat = (x[j] - mean) * rstd;
-                sum_g[j] += dy[j] * xhat;
-                sum_b[j] += dy[j];
-                dx[j] = dy[j] * gamma[j];
+            let sums = sum_g.iter_mut().zip(sum_b.iter_mut());
+            for ((((dx, &x), &dy), &g), (sg, sb)) in dx.iter_mut().zip(x).zip(dy).zip(gamma).zip(sums) {
+                let xhat = (x - mean) * rstd;
+                *sg += dy * xhat;
+                *sb += dy;
+                *dx = dy * g;
             }
             // dx = rstd * (dxhat - mean(dxhat) - xhat * mean(dxhat * xhat))
             let (s1, s2) = sum2_f64(dx, x, mean);
