@@ -380,6 +380,71 @@ fn repeated_rows<T: WithDType>(row: &[T], rows: usize) -> Vec<T> {
     v
 }
 
+thread_local! {
+    /// Buffers that kernels on this thread have finished with, for [`Scratch`] to hand out again.
+    static SCRATCH_POOL: std::cell::RefCell<Vec<Vec<u64>>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// A working buffer of `len` values of `T` from this thread's pool, holding whatever its last
+/// user left (every bit pattern is a value of the float and integer types the kernels run on),
+/// given back to the pool when dropped. For buffers a kernel writes before it reads them (an
+/// im2col block, a GEMM's output): a fresh `vec![0; n]` of megabytes per call and worker cost
+/// a fill with zeros, and page faults where the allocator had returned the memory, about a
+/// twentieth of a training step.
+struct Scratch<T> {
+    words: Vec<u64>,
+    len: usize,
+    _values: std::marker::PhantomData<T>,
+}
+
+impl<T: WithDType> Scratch<T> {
+    fn new(len: usize) -> Self {
+        const { assert!(std::mem::align_of::<T>() <= 8) };
+        let words = (len * std::mem::size_of::<T>()).div_ceil(8);
+        let mut buf = SCRATCH_POOL.with(|pool| {
+            let mut pool = pool.borrow_mut();
+            // The smallest buffer large enough, else the largest (grown below).
+            let fits = (0..pool.len())
+                .filter(|&i| pool[i].len() >= words)
+                .min_by_key(|&i| pool[i].len());
+            let pick = fits.or_else(|| (0..pool.len()).max_by_key(|&i| pool[i].len()));
+            pick.map(|i| pool.swap_remove(i)).unwrap_or_default()
+        });
+        if buf.len() < words {
+            buf.resize(words, 0);
+        }
+        Self {
+            words: buf,
+            len,
+            _values: std::marker::PhantomData,
+        }
+    }
+}
+
+impl<T> std::ops::Deref for Scratch<T> {
+    type Target = [T];
+    fn deref(&self) -> &[T] {
+        // SAFETY: `words` holds at least `len` values of T (see `new`), aligned to 8 >= T's
+        // alignment, and initialised: every bit pattern is a valid T.
+        unsafe { std::slice::from_raw_parts(self.words.as_ptr().cast(), self.len) }
+    }
+}
+
+impl<T> std::ops::DerefMut for Scratch<T> {
+    fn deref_mut(&mut self) -> &mut [T] {
+        // SAFETY: as in `deref`, through the unique borrow of `words`.
+        unsafe { std::slice::from_raw_parts_mut(self.words.as_mut_ptr().cast(), self.len) }
+    }
+}
+
+impl<T> Drop for Scratch<T> {
+    fn drop(&mut self) {
+        let words = std::mem::take(&mut self.words);
+        // (During thread teardown the pool may be gone: the buffer is then just freed.)
+        let _ = SCRATCH_POOL.try_with(|pool| pool.borrow_mut().push(words));
+    }
+}
+
 fn cpu_tensor<T: WithDType>(data: Vec<T>, shape: impl Into<Shape>) -> Result<Tensor> {
     Tensor::from_vec(data, shape, &Device::Cpu)
 }
@@ -2558,7 +2623,7 @@ impl ConvGeom {
         let (plane, per_image) = (self.h * self.w, (oy1 - oy0) * ow);
         // Padded rows oy0..oy1 + kh - 1 of one plane, each `pw` wide.
         let pw = left + self.w + right;
-        let mut padded = vec![T::zero(); (oy1 - oy0 + self.kh - 1) * pw];
+        let mut padded = Scratch::<T>::new((oy1 - oy0 + self.kh - 1) * pw);
         let taps = self.kh * self.kw;
         for c in 0..self.c {
             for b in b0..b0 + count {
@@ -2795,7 +2860,7 @@ impl ConvOp {
             gemm::Parallelism::Rayon(threads)
         };
         let dst = SendPtr(out.as_mut_ptr());
-        let band = |(cols, product): &mut (Vec<T>, Vec<T>),
+        let band = |(cols, product): &mut (Scratch<T>, Scratch<T>),
                     &(b0, count, oy0): &(usize, usize, usize)| {
             let oy1 = (oy0 + rows).min(oh);
             let n = count * (oy1 - oy0) * ow;
@@ -2866,8 +2931,8 @@ impl ConvOp {
         };
         let buffers = || {
             (
-                vec![T::zero(); k * rows * ow * images],
-                vec![T::zero(); product_len],
+                Scratch::new(k * rows * ow * images),
+                Scratch::new(product_len),
             )
         };
         match inner {
@@ -2991,22 +3056,16 @@ impl ConvOp {
             } else {
                 ConvGeom::images_per_gemm(k, plane, images.len(), 1)
             };
-            let mut cols = vec![
-                T::zero();
-                if g.is_pointwise() {
-                    0
-                } else {
-                    k * plane * group
-                }
-            ];
-            let mut dy_group = vec![
-                T::zero();
-                if group > 1 || by_channel {
-                    c_out * plane * group
-                } else {
-                    0
-                }
-            ];
+            let mut cols = Scratch::<T>::new(if g.is_pointwise() {
+                0
+            } else {
+                k * plane * group
+            });
+            let mut dy_group = Scratch::<T>::new(if group > 1 || by_channel {
+                c_out * plane * group
+            } else {
+                0
+            });
             for chunk in images.chunks(group) {
                 let (b0, count) = (chunk[0], chunk.len());
                 let n = count * plane;

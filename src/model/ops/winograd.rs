@@ -25,7 +25,7 @@ use std::ops::Range;
 use candle_core::WithDType;
 use rayon::prelude::*;
 
-use super::{gemm_threads, SendPtr, Switch};
+use super::{gemm_threads, Scratch, SendPtr, Switch};
 
 /// The fewest input channels worth it. The GEMMs' inner dimension is C (im2col's is 9·C): at 64
 /// channels (the small default model's first level) they ran at half the rate of im2col's and
@@ -142,7 +142,7 @@ pub(super) fn conv3x3_transformed<T: WithDType>(
     // Every value is written by the output transform of the tile it lies in.
     let mut out: Vec<T> = Vec::with_capacity(b * c_out * h * w);
     let dst = SendPtr(out.as_mut_ptr());
-    let run = |(v, m): &mut (Vec<T>, Vec<T>), &r0: &usize| {
+    let run = |(v, m): &mut (Scratch<T>, Scratch<T>), &r0: &usize| {
         let band_rows = r0..(r0 + rows).min(tile_rows);
         let n = band_rows.len() * geometry.tiles_x;
         let (v, m) = (&mut v[..16 * c * n], &mut m[..16 * c_out * n]);
@@ -181,8 +181,8 @@ pub(super) fn conv3x3_transformed<T: WithDType>(
     let n_max = rows * geometry.tiles_x;
     let buffers = || {
         (
-            vec![T::zero(); 16 * c * n_max],
-            vec![T::zero(); 16 * c_out * n_max],
+            Scratch::new(16 * c * n_max),
+            Scratch::new(16 * c_out * n_max),
         )
     };
     if parallel_gemm {
