@@ -2583,16 +2583,20 @@ impl ConvGeom {
         out: &mut [T],
     ) {
         let (_, ow) = self.out_hw();
-        if self.stride == 1 {
-            // Const widths turn each row's copy into a few vector moves (a call to memcpy
-            // per row of 16 values, and the edge tests, were most of im2col's time).
-            return match ow {
-                4 => self.im2col_stride1::<T, 4>(x, (b0, count), (oy0, oy1), out),
-                8 => self.im2col_stride1::<T, 8>(x, (b0, count), (oy0, oy1), out),
-                16 => self.im2col_stride1::<T, 16>(x, (b0, count), (oy0, oy1), out),
-                32 => self.im2col_stride1::<T, 32>(x, (b0, count), (oy0, oy1), out),
-                _ => self.im2col_stride1::<T, 0>(x, (b0, count), (oy0, oy1), out),
-            };
+        // Const widths turn each row's copy into a few vector moves (a call to memcpy per row
+        // of 16 values, and the edge tests, were most of im2col's time).
+        let band = ((b0, count), (oy0, oy1));
+        match (self.stride, ow) {
+            (1, 4) => return self.im2col_padded::<T, 1, 4>(x, band.0, band.1, out),
+            (1, 8) => return self.im2col_padded::<T, 1, 8>(x, band.0, band.1, out),
+            (1, 16) => return self.im2col_padded::<T, 1, 16>(x, band.0, band.1, out),
+            (1, 32) => return self.im2col_padded::<T, 1, 32>(x, band.0, band.1, out),
+            (1, _) => return self.im2col_padded::<T, 1, 0>(x, band.0, band.1, out),
+            (2, 4) => return self.im2col_padded::<T, 2, 4>(x, band.0, band.1, out),
+            (2, 8) => return self.im2col_padded::<T, 2, 8>(x, band.0, band.1, out),
+            (2, 16) => return self.im2col_padded::<T, 2, 16>(x, band.0, band.1, out),
+            (2, _) => return self.im2col_padded::<T, 2, 0>(x, band.0, band.1, out),
+            _ => {}
         }
         let plane = self.h * self.w;
         let per_image = (oy1 - oy0) * ow;
@@ -2607,10 +2611,11 @@ impl ConvGeom {
         }
     }
 
-    /// [`Self::im2col_block`] for stride 1, with `OW` the output width (0: any width). Each
+    /// [`Self::im2col_block`] for stride `S`, with `OW` the output width (0: any width). Each
     /// (image, channel) plane's rows for the band are first laid out with their zero padding,
-    /// so that every kernel tap's rows are plain copies of `ow` values from that buffer.
-    fn im2col_stride1<T: WithDType, const OW: usize>(
+    /// so that every kernel tap's rows are plain copies of `ow` values (every `S`th) from that
+    /// buffer.
+    fn im2col_padded<T: WithDType, const S: usize, const OW: usize>(
         &self,
         x: &[T],
         (b0, count): (usize, usize),
@@ -2618,17 +2623,17 @@ impl ConvGeom {
         out: &mut [T],
     ) {
         let (_, ow) = self.out_hw();
-        debug_assert!(OW == 0 || OW == ow);
+        debug_assert!(self.stride == S && (OW == 0 || OW == ow));
         let [top, _, left, right] = self.pad;
         let (plane, per_image) = (self.h * self.w, (oy1 - oy0) * ow);
-        // Padded rows oy0..oy1 + kh - 1 of one plane, each `pw` wide.
+        // Padded rows oy0 * S..(oy1 - 1) * S + kh of one plane, each `pw` wide.
         let pw = left + self.w + right;
-        let mut padded = Scratch::<T>::new((oy1 - oy0 + self.kh - 1) * pw);
+        let mut padded = Scratch::<T>::new(((oy1 - oy0 - 1) * S + self.kh) * pw);
         let taps = self.kh * self.kw;
         for c in 0..self.c {
             for b in b0..b0 + count {
                 let src = &x[(b * self.c + c) * plane..][..plane];
-                for (py, row) in (oy0..).zip(padded.chunks_exact_mut(pw)) {
+                for (py, row) in (oy0 * S..).zip(padded.chunks_exact_mut(pw)) {
                     match py.checked_sub(top).filter(|&iy| iy < self.h) {
                         Some(iy) => {
                             row[..left].fill(T::zero());
@@ -2643,12 +2648,19 @@ impl ConvGeom {
                     let k = c * taps + tap;
                     let dst = &mut out[(k * count + b - b0) * per_image..][..per_image];
                     for (r, dst) in dst.chunks_exact_mut(ow).enumerate() {
-                        let src = &padded[(r + ky) * pw + kx..];
-                        if OW > 0 {
+                        let src = &padded[(r * S + ky) * pw + kx..];
+                        if OW > 0 && S == 1 {
                             let dst: &mut [T; OW] = dst.try_into().expect("OW values");
                             dst.copy_from_slice(&src[..OW]);
+                        } else if OW > 0 {
+                            let dst: &mut [T; OW] = dst.try_into().expect("OW values");
+                            for (ox, d) in dst.iter_mut().enumerate() {
+                                *d = src[ox * S];
+                            }
                         } else {
-                            dst.copy_from_slice(&src[..ow]);
+                            for (d, &v) in dst.iter_mut().zip(src.iter().step_by(S)) {
+                                *d = v;
+                            }
                         }
                     }
                 }
