@@ -860,8 +860,6 @@ pub fn layer_norm(x: &Tensor, gamma: &Tensor, beta: &Tensor, eps: f64) -> Result
 /// with 32 (the longer loops keep more independent vector operations in flight).
 const ROWS: usize = 128;
 
-type Rows<T> = [T; ROWS];
-
 /// `out[c][r] = x[(r0 + r) * d + c] * scale` for the block starting at row `r0` (zero past the
 /// last row).
 #[inline(always)]
@@ -886,7 +884,7 @@ fn block_transposed<T: Real, const R: usize>(
 
 /// Dot product of two row blocks, in eight lanes.
 #[inline(always)]
-fn dot_rows<T: Real>(a: &Rows<T>, b: &Rows<T>) -> T {
+fn dot_rows<T: Real, const R: usize>(a: &[T; R], b: &[T; R]) -> T {
     let mut lanes = [T::zero(); 8];
     for (x, y) in a.chunks_exact(8).zip(b.chunks_exact(8)) {
         for l in 0..8 {
@@ -904,17 +902,17 @@ fn dot_rows<T: Real>(a: &Rows<T>, b: &Rows<T>) -> T {
 /// `k` (nk, d), transposed: `pt[j][r]` = softmax over j of q_r . k_j. With `causal` =
 /// Some(r0), the block's row r is query r0 + r and sees only keys j <= r0 + r.
 #[inline(always)]
-fn block_probs<T: Real>(
-    qt: &[Rows<T>],
+fn block_probs<T: Real, const R: usize>(
+    qt: &[[T; R]],
     k: &[T],
     d: usize,
-    pt: &mut [Rows<T>],
+    pt: &mut [[T; R]],
     causal: Option<usize>,
 ) {
     for (s, kj) in pt.iter_mut().zip(k.chunks(d)) {
-        *s = [T::zero(); ROWS];
+        *s = [T::zero(); R];
         for (qc, &kc) in qt.iter().zip(kj) {
-            for r in 0..ROWS {
+            for r in 0..R {
                 s[r] += kc * qc[r];
             }
         }
@@ -922,20 +920,20 @@ fn block_probs<T: Real>(
     if let Some(r0) = causal {
         // Key j is hidden from rows r < j - r0; those scores get -inf (probability 0 below).
         for (j, s) in pt.iter_mut().enumerate().skip(r0 + 1) {
-            for v in s.iter_mut().take((j - r0).min(ROWS)) {
+            for v in s.iter_mut().take((j - r0).min(R)) {
                 *v = T::from_f64(f64::NEG_INFINITY);
             }
         }
     }
     let mut max = pt[0];
     for s in pt.iter() {
-        for r in 0..ROWS {
+        for r in 0..R {
             max[r] = if s[r] > max[r] { s[r] } else { max[r] };
         }
     }
-    let mut sum = [T::zero(); ROWS];
+    let mut sum = [T::zero(); R];
     for s in pt.iter_mut() {
-        for r in 0..ROWS {
+        for r in 0..R {
             s[r] = (s[r] - max[r]).exp();
             sum[r] += s[r];
         }
@@ -943,7 +941,7 @@ fn block_probs<T: Real>(
     if let Some(r0) = causal {
         // f32's branch-free exp clamps its argument, so exp(-inf) came out as ~1e-38, not 0.
         for (j, s) in pt.iter_mut().enumerate().skip(r0 + 1) {
-            for v in s.iter_mut().take((j - r0).min(ROWS)) {
+            for v in s.iter_mut().take((j - r0).min(R)) {
                 *v = T::zero();
             }
         }
@@ -952,7 +950,7 @@ fn block_probs<T: Real>(
         *v = T::one() / *v;
     }
     for s in pt.iter_mut() {
-        for r in 0..ROWS {
+        for r in 0..R {
             s[r] *= sum[r];
         }
     }
@@ -962,25 +960,46 @@ multiversion! {
     /// One head: `o` (nq, d) = softmax(scale q kᵀ) v for q (nq, d), k and v (nk, d); when
     /// `causal`, query i sees keys 0..=i only.
     fn attention_head_fwd<T: Real>(q: &[T], k: &[T], v: &[T], o: &mut [T], nk: usize, d: usize, scale: f64, causal: bool) {
-        let scale = T::from_f64(scale);
-        let nq = q.len() / d;
-        let mut qt = vec![[T::zero(); ROWS]; d];
-        let mut pt = vec![[T::zero(); ROWS]; nk];
-        for r0 in (0..nq).step_by(ROWS) {
-            let rows = (nq - r0).min(ROWS);
-            block_transposed(q, r0, d, scale, &mut qt);
-            block_probs(&qt, k, d, &mut pt, causal.then_some(r0));
-            for c in 0..d {
-                let mut acc = [T::zero(); ROWS];
-                for (p, vj) in pt.iter().zip(v.chunks(d)) {
-                    let vjc = vj[c];
-                    for r in 0..ROWS {
-                        acc[r] += vjc * p[r];
-                    }
+        match block_rows(q.len() / d) {
+            16 => head_fwd::<T, 16>(q, k, v, o, nk, d, scale, causal),
+            32 => head_fwd::<T, 32>(q, k, v, o, nk, d, scale, causal),
+            64 => head_fwd::<T, 64>(q, k, v, o, nk, d, scale, causal),
+            _ => head_fwd::<T, ROWS>(q, k, v, o, nk, d, scale, causal),
+        }
+    }
+}
+
+/// [`attention_head_fwd`] in blocks of `R` query rows.
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+fn head_fwd<T: Real, const R: usize>(
+    q: &[T],
+    k: &[T],
+    v: &[T],
+    o: &mut [T],
+    nk: usize,
+    d: usize,
+    scale: f64,
+    causal: bool,
+) {
+    let scale = T::from_f64(scale);
+    let nq = q.len() / d;
+    let mut qt = vec![[T::zero(); R]; d];
+    let mut pt = vec![[T::zero(); R]; nk];
+    for r0 in (0..nq).step_by(R) {
+        let rows = (nq - r0).min(R);
+        block_transposed(q, r0, d, scale, &mut qt);
+        block_probs(&qt, k, d, &mut pt, causal.then_some(r0));
+        for c in 0..d {
+            let mut acc = [T::zero(); R];
+            for (p, vj) in pt.iter().zip(v.chunks(d)) {
+                let vjc = vj[c];
+                for r in 0..R {
+                    acc[r] += vjc * p[r];
                 }
-                for r in 0..rows {
-                    o[(r0 + r) * d + c] = acc[r];
-                }
+            }
+            for r in 0..rows {
+                o[(r0 + r) * d + c] = acc[r];
             }
         }
     }
@@ -1227,8 +1246,9 @@ fn four_channels<T: Real, const D: usize, const W: usize>(
     [a0, a1, a2, a3]
 }
 
-/// The narrow kernels' rows per block for `nq` queries.
-fn narrow_block_rows(nq: usize) -> usize {
+/// The attention kernels' rows per block for `nq` queries: a head of few queries does not
+/// compute a whole block of padding rows.
+fn block_rows(nq: usize) -> usize {
     nq.next_power_of_two().clamp(16, ROWS)
 }
 
@@ -1378,7 +1398,7 @@ multiversion! {
     /// [`narrow_head_fwd`] for `d` = 8 or 16 and its block and sub-block sizes.
     fn narrow_fwd<T: Real>(q: &[T], k: &[T], v: &[T], o: &mut [T], d: usize, scale: f64) {
         let s = T::from_f64(scale);
-        match (d, narrow_block_rows(q.len() / d)) {
+        match (d, block_rows(q.len() / d)) {
             (8, 16) => narrow_head_fwd::<T, 16, 8, 16>(q, k, v, o, s),
             (8, 32) => narrow_head_fwd::<T, 32, 8, 32>(q, k, v, o, s),
             (8, 64) => narrow_head_fwd::<T, 64, 8, 32>(q, k, v, o, s),
@@ -1407,7 +1427,7 @@ multiversion! {
         scale: f64,
     ) {
         let s = T::from_f64(scale);
-        match (d, narrow_block_rows(q.len() / d)) {
+        match (d, block_rows(q.len() / d)) {
             (8, 16) => narrow_head_bwd::<T, 16, 8, 16, 4>(q, k, v, o, dout, dq, dk, dv, s),
             (8, 32) => narrow_head_bwd::<T, 32, 8, 32, 4>(q, k, v, o, dout, dq, dk, dv, s),
             (8, 64) => narrow_head_bwd::<T, 64, 8, 32, 4>(q, k, v, o, dout, dq, dk, dv, s),
@@ -1441,68 +1461,90 @@ multiversion! {
         scale: f64,
         causal: bool,
     ) {
-        let scale = T::from_f64(scale);
-        let nq = q.len() / d;
-        let (mut qt, mut qt_scaled, mut dot) = (
-            vec![[T::zero(); ROWS]; d],
-            vec![[T::zero(); ROWS]; d],
-            vec![[T::zero(); ROWS]; d],
-        );
-        let (mut pt, mut dst) = (vec![[T::zero(); ROWS]; nk], vec![[T::zero(); ROWS]; nk]);
-        for r0 in (0..nq).step_by(ROWS) {
-            let rows = (nq - r0).min(ROWS);
-            block_transposed(q, r0, d, scale, &mut qt_scaled);
-            block_transposed(dout, r0, d, T::one(), &mut dot);
-            block_probs(&qt_scaled, k, d, &mut pt, causal.then_some(r0));
-            // dp_jr = do_r . v_j; centre_r = sum_j p_jr dp_jr; ds_jr = scale p_jr (dp_jr - centre_r)
-            let mut centre = [T::zero(); ROWS];
-            for ((ds, p), vj) in dst.iter_mut().zip(&pt).zip(v.chunks(d)) {
-                *ds = [T::zero(); ROWS];
-                for (doc, &vc) in dot.iter().zip(vj) {
-                    for r in 0..ROWS {
-                        ds[r] += vc * doc[r];
-                    }
-                }
-                for r in 0..ROWS {
-                    centre[r] += p[r] * ds[r];
-                }
-            }
-            for (ds, p) in dst.iter_mut().zip(&pt) {
-                for r in 0..ROWS {
-                    ds[r] = p[r] * (ds[r] - centre[r]) * scale;
-                }
-            }
-            // dv_j += sum_r p_jr do_r; dk_j += sum_r ds_jr q_r
-            let (qb, dob) = (&q[r0 * d..][..rows * d], &dout[r0 * d..][..rows * d]);
-            match d {
-                8 => accumulate_dk_dv::<T, ROWS, 8, 4>(&pt, &dst, qb, dob, dk, dv),
-                16 => accumulate_dk_dv::<T, ROWS, 16, 2>(&pt, &dst, qb, dob, dk, dv),
-                32 => accumulate_dk_dv::<T, ROWS, 32, 1>(&pt, &dst, qb, dob, dk, dv),
-                40 => accumulate_dk_dv::<T, ROWS, 40, 1>(&pt, &dst, qb, dob, dk, dv),
-                64 => accumulate_dk_dv::<T, ROWS, 64, 1>(&pt, &dst, qb, dob, dk, dv),
-                _ => {
-                    // The unscaled queries transposed, needed by this path only.
-                    block_transposed(q, r0, d, T::one(), &mut qt);
-                    for (j, (p, ds)) in pt.iter().zip(&dst).enumerate() {
-                        for c in 0..d {
-                            dv[j * d + c] += dot_rows(p, &dot[c]);
-                            dk[j * d + c] += dot_rows(ds, &qt[c]);
-                        }
-                    }
+        let args = (nk, d, scale, causal);
+        match block_rows(q.len() / d) {
+            16 => head_bwd::<T, 16>(q, k, v, dout, dq, dk, dv, args),
+            32 => head_bwd::<T, 32>(q, k, v, dout, dq, dk, dv, args),
+            64 => head_bwd::<T, 64>(q, k, v, dout, dq, dk, dv, args),
+            _ => head_bwd::<T, ROWS>(q, k, v, dout, dq, dk, dv, args),
+        }
+    }
+}
+
+/// [`attention_head_bwd`] in blocks of `R` query rows.
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+fn head_bwd<T: Real, const R: usize>(
+    q: &[T],
+    k: &[T],
+    v: &[T],
+    dout: &[T],
+    dq: &mut [T],
+    dk: &mut [T],
+    dv: &mut [T],
+    (nk, d, scale, causal): (usize, usize, f64, bool),
+) {
+    let scale = T::from_f64(scale);
+    let nq = q.len() / d;
+    let (mut qt, mut qt_scaled, mut dot) = (
+        vec![[T::zero(); R]; d],
+        vec![[T::zero(); R]; d],
+        vec![[T::zero(); R]; d],
+    );
+    let (mut pt, mut dst) = (vec![[T::zero(); R]; nk], vec![[T::zero(); R]; nk]);
+    for r0 in (0..nq).step_by(R) {
+        let rows = (nq - r0).min(R);
+        block_transposed(q, r0, d, scale, &mut qt_scaled);
+        block_transposed(dout, r0, d, T::one(), &mut dot);
+        block_probs(&qt_scaled, k, d, &mut pt, causal.then_some(r0));
+        // dp_jr = do_r . v_j; centre_r = sum_j p_jr dp_jr; ds_jr = scale p_jr (dp_jr - centre_r)
+        let mut centre = [T::zero(); R];
+        for ((ds, p), vj) in dst.iter_mut().zip(&pt).zip(v.chunks(d)) {
+            *ds = [T::zero(); R];
+            for (doc, &vc) in dot.iter().zip(vj) {
+                for r in 0..R {
+                    ds[r] += vc * doc[r];
                 }
             }
-            // dq_r = sum_j ds_jr k_j
-            for c in 0..d {
-                let mut acc = [T::zero(); ROWS];
-                for (ds, kj) in dst.iter().zip(k.chunks(d)) {
-                    let kjc = kj[c];
-                    for r in 0..ROWS {
-                        acc[r] += kjc * ds[r];
+            for r in 0..R {
+                centre[r] += p[r] * ds[r];
+            }
+        }
+        for (ds, p) in dst.iter_mut().zip(&pt) {
+            for r in 0..R {
+                ds[r] = p[r] * (ds[r] - centre[r]) * scale;
+            }
+        }
+        // dv_j += sum_r p_jr do_r; dk_j += sum_r ds_jr q_r
+        let (qb, dob) = (&q[r0 * d..][..rows * d], &dout[r0 * d..][..rows * d]);
+        match d {
+            8 => accumulate_dk_dv::<T, R, 8, 4>(&pt, &dst, qb, dob, dk, dv),
+            16 => accumulate_dk_dv::<T, R, 16, 2>(&pt, &dst, qb, dob, dk, dv),
+            32 => accumulate_dk_dv::<T, R, 32, 1>(&pt, &dst, qb, dob, dk, dv),
+            40 => accumulate_dk_dv::<T, R, 40, 1>(&pt, &dst, qb, dob, dk, dv),
+            64 => accumulate_dk_dv::<T, R, 64, 1>(&pt, &dst, qb, dob, dk, dv),
+            _ => {
+                // The unscaled queries transposed, needed by this path only.
+                block_transposed(q, r0, d, T::one(), &mut qt);
+                for (j, (p, ds)) in pt.iter().zip(&dst).enumerate() {
+                    for c in 0..d {
+                        dv[j * d + c] += dot_rows(p, &dot[c]);
+                        dk[j * d + c] += dot_rows(ds, &qt[c]);
                     }
                 }
-                for r in 0..rows {
-                    dq[(r0 + r) * d + c] = acc[r];
+            }
+        }
+        // dq_r = sum_j ds_jr k_j
+        for c in 0..d {
+            let mut acc = [T::zero(); R];
+            for (ds, kj) in dst.iter().zip(k.chunks(d)) {
+                let kjc = kj[c];
+                for r in 0..R {
+                    acc[r] += kjc * ds[r];
                 }
+            }
+            for r in 0..rows {
+                dq[(r0 + r) * d + c] = acc[r];
             }
         }
     }
@@ -3851,8 +3893,9 @@ mod tests {
     fn causal_attention_matches_masked_composed_ops() {
         // A text encoder's 77 tokens: one partial block of query rows in the loops (d = 8),
         // one partial GEMM block (d = 16); 150 tokens: two blocks in the loops; 300 tokens: a
-        // full and a partial GEMM block. f64 forward and backward, and f32 forward.
-        for (n, d) in [(77, 8), (150, 8), (77, 16), (300, 16)] {
+        // full and a partial GEMM block; 20 tokens 32 wide (the small text encoder's heads): a
+        // block of 32 rows. f64 forward and backward, and f32 forward.
+        for (n, d) in [(77, 8), (150, 8), (77, 16), (300, 16), (20, 32)] {
             let inputs = [
                 (randn(&[2, 3, n, d], 90) * 2.0).unwrap(),
                 (randn(&[2, 3, n, d], 91) * 2.0).unwrap(),
