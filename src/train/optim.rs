@@ -75,6 +75,100 @@ struct Param {
     v: Tensor,
 }
 
+/// One step's AdamW factors for one parameter.
+struct Update {
+    beta1: f64,
+    beta2: f64,
+    eps: f64,
+    /// lr / (1 - beta1^t)
+    step_size: f64,
+    /// 1 / sqrt(1 - beta2^t)
+    inv_sqrt_bias2: f64,
+    /// 1 - lr * weight_decay, or 1 without decay
+    shrink: f64,
+}
+
+impl Update {
+    /// The new (theta, m, v) of an f32 parameter on the CPU, in one pass over theta, g, m and
+    /// v: the same f32 operations in the same order as the tensor ops of [`AdamW::step`] (so
+    /// the same values), which made a dozen passes over the parameter, 4-5% of a training step
+    /// of the default model. `None` elsewhere (other dtypes, devices or layouts).
+    fn fused_cpu(
+        &self,
+        theta: &Tensor,
+        g: &Tensor,
+        m: &Tensor,
+        v: &Tensor,
+    ) -> Result<Option<(Tensor, Tensor, Tensor)>> {
+        use candle_core::Storage;
+        use rayon::prelude::*;
+        let all = [theta, g, m, v];
+        if all
+            .iter()
+            .any(|t| !t.device().is_cpu() || t.dtype() != DType::F32)
+        {
+            return Ok(None);
+        }
+        let guards: Vec<_> = all.iter().map(|t| t.storage_and_layout()).collect();
+        let mut slices = Vec::with_capacity(4);
+        for (storage, layout) in &guards {
+            let (Storage::Cpu(cpu), Some((start, end))) = (&**storage, layout.contiguous_offsets())
+            else {
+                return Ok(None);
+            };
+            slices.push(&cpu.as_slice::<f32>()?[start..end]);
+        }
+        let n = slices[0].len();
+        if slices.iter().any(|s| s.len() != n) {
+            bail!("AdamW: parameter, gradient and moments differ in size")
+        }
+        let f = |x: f64| x as f32;
+        let (b1, b2, eps) = (f(self.beta1), f(self.beta2), f(self.eps));
+        let (one_b1, one_b2) = (f(1.0 - self.beta1), f(1.0 - self.beta2));
+        let (step_size, inv_sqrt_bias2, shrink) =
+            (f(self.step_size), f(self.inv_sqrt_bias2), f(self.shrink));
+        let (mut theta2, mut m2, mut v2) = (
+            Vec::with_capacity(n),
+            Vec::with_capacity(n),
+            Vec::with_capacity(n),
+        );
+        const CHUNK: usize = 1 << 14;
+        theta2.spare_capacity_mut()[..n]
+            .par_chunks_mut(CHUNK)
+            .zip(m2.spare_capacity_mut()[..n].par_chunks_mut(CHUNK))
+            .zip(v2.spare_capacity_mut()[..n].par_chunks_mut(CHUNK))
+            .enumerate()
+            .for_each(|(i, ((t2, m2), v2))| {
+                let at = i * CHUNK..i * CHUNK + t2.len();
+                let inputs = slices[0][at.clone()].iter().zip(&slices[1][at.clone()]);
+                let moments = slices[2][at.clone()].iter().zip(&slices[3][at]);
+                let outputs = t2.iter_mut().zip(m2.iter_mut()).zip(v2.iter_mut());
+                for (((t2, m2), v2), ((&th, &g), (&m, &v))) in outputs.zip(inputs.zip(moments)) {
+                    // As the tensor ops: affine(a, b) is x * a + b.
+                    let m = (m * b1 + 0.0) + (g * one_b1 + 0.0);
+                    let v = (v * b2 + 0.0) + ((g * g) * one_b2 + 0.0);
+                    let denom = v.sqrt() * inv_sqrt_bias2 + eps;
+                    let update = (m / denom) * step_size + 0.0;
+                    t2.write((th * shrink + 0.0) - update);
+                    m2.write(m);
+                    v2.write(v);
+                }
+            });
+        // SAFETY: the chunks above cover all n values of each, each written once.
+        unsafe {
+            theta2.set_len(n);
+            m2.set_len(n);
+            v2.set_len(n);
+        }
+        let shape = theta.shape();
+        Ok(Some((
+            Tensor::from_vec(theta2, shape, &Device::Cpu)?,
+            Tensor::from_vec(m2, shape, &Device::Cpu)?,
+            Tensor::from_vec(v2, shape, &Device::Cpu)?,
+        )))
+    }
+}
+
 pub struct AdamW {
     params: Vec<Param>,
     config: AdamWConfig,
@@ -171,6 +265,24 @@ impl AdamW {
         let inv_sqrt_bias2 = 1.0 / (1.0 - beta2.powi(t)).sqrt();
         for (p, g) in self.params.iter_mut().zip(&grads.0) {
             let Some(g) = g else { continue };
+            let shrink = if p.decay {
+                1.0 - lr * weight_decay
+            } else {
+                1.0
+            };
+            let update = Update {
+                beta1,
+                beta2,
+                eps,
+                step_size,
+                inv_sqrt_bias2,
+                shrink,
+            };
+            if let Some((theta, m, v)) = update.fused_cpu(p.var.as_tensor(), g, &p.m, &p.v)? {
+                p.var.set(&theta)?;
+                (p.m, p.v) = (m, v);
+                continue;
+            }
             // Detached: gradients (and the weights) carry the autograd graph that made them; a
             // moment built from them would keep every past step's graph alive.
             let g = g.detach().to_dtype(DType::F32)?;
@@ -179,11 +291,6 @@ impl AdamW {
             let denom = p.v.sqrt()?.affine(inv_sqrt_bias2, eps)?;
             let update = (&p.m / denom)?.affine(step_size, 0.0)?;
             let theta = p.var.as_tensor().detach().to_dtype(DType::F32)?;
-            let shrink = if p.decay {
-                1.0 - lr * weight_decay
-            } else {
-                1.0
-            };
             let theta = (theta.affine(shrink, 0.0)? - update)?;
             p.var.set(&theta.to_dtype(p.var.dtype())?)?;
         }
