@@ -8,9 +8,12 @@
 //! Inputs are `sin` patterns, so both print the same output means. Each line is the best of
 //! several runs; on a shared machine run the two back to back, more than once.
 use anyhow::Result;
-use candle_core::{Device, Tensor};
+use candle_core::Tensor;
 use sd_rs::model::ops;
 use std::time::Instant;
+
+mod common;
+use common::{flag_number, flag_value, pattern};
 
 /// (rows, out features, in features): CLIP-L's q/k/v/out, fused q/k/v width, fc1 and fc2 (154
 /// rows: weights stored (in, out), as sd-rs's text encoder keeps them); the U-Net's projections,
@@ -70,10 +73,6 @@ const CONV: [(usize, usize, usize, usize, usize); 13] = [
     (32, 128, 8, 8, 128),
 ];
 
-fn pattern(len: usize, k: f64) -> Result<Tensor> {
-    Ok((Tensor::arange(0f32, len as f32, &Device::Cpu)? * k)?.sin()?)
-}
-
 fn best_of(runs: usize, mut f: impl FnMut() -> Result<Tensor>) -> Result<(f64, f32)> {
     let (mut best, mut mean) = (f64::MAX, 0.0);
     for _ in 0..runs {
@@ -90,14 +89,8 @@ fn main() -> Result<()> {
     // `--kn`: every layer's weight stored (in, out), to see what that layout would give the U-Net.
     let kn_everywhere = std::env::args().any(|a| a == "--kn");
     // `--only linear|conv|attention`: one table; `--case i`: only the i-th convolution.
-    let args: Vec<String> = std::env::args().collect();
-    let value_of = |flag: &str| {
-        args.iter()
-            .position(|a| a == flag)
-            .and_then(|i| args.get(i + 1))
-    };
-    let only = value_of("--only");
-    let wanted = |table: &str| only.is_none_or(|o| o == table);
+    let only = flag_value("--only");
+    let wanted = |table: &str| only.as_deref().is_none_or(|o| o == table);
     let pool = rayon::ThreadPoolBuilder::new().build()?;
     println!("threads: {}", pool.current_num_threads());
     pool.install(|| -> Result<()> {
@@ -117,7 +110,7 @@ fn main() -> Result<()> {
                 t * 1e3
             );
         }
-        let case = value_of("--case").and_then(|v| v.parse::<usize>().ok());
+        let case = flag_number("--case");
         for (i, (b, c, h, w, c_out)) in CONV.into_iter().enumerate().filter(|_| wanted("conv")) {
             if case.is_some_and(|case| case != i) {
                 continue;

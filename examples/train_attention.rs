@@ -5,9 +5,12 @@
 //!     cargo run --release --example train_attention [-- --case i --runs n]
 //!     scripts/.venv/bin/python scripts/torch_train_attention.py
 use anyhow::Result;
-use candle_core::{Device, Tensor, Var};
+use candle_core::Var;
 use sd_rs::model::ops;
 use std::time::Instant;
+
+mod common;
+use common::{flag_number, pattern};
 
 /// (attentions of this shape in one step, query tokens, key tokens, heads, head width): the
 /// self- and cross-attention (32 text tokens) of the transformers at 16x16, 8x8 and 4x4.
@@ -19,19 +22,8 @@ const ATTENTION: [(usize, usize, usize, usize, usize); 5] = [
     (1, 16, 16, 8, 16),
 ];
 
-fn pattern(len: usize, k: f64) -> Result<Tensor> {
-    Ok((Tensor::arange(0f32, len as f32, &Device::Cpu)? * k)?.sin()?)
-}
-
 fn main() -> Result<()> {
-    let args: Vec<String> = std::env::args().collect();
-    let value_of = |flag: &str| {
-        args.iter()
-            .position(|a| a == flag)
-            .and_then(|i| args.get(i + 1))
-            .and_then(|v| v.parse::<usize>().ok())
-    };
-    let (case, runs) = (value_of("--case"), value_of("--runs").unwrap_or(8));
+    let (case, runs) = (flag_number("--case"), flag_number("--runs").unwrap_or(8));
     let pool = rayon::ThreadPoolBuilder::new().build()?;
     println!("threads: {}", pool.current_num_threads());
     pool.install(|| -> Result<()> {

@@ -8,9 +8,11 @@
 //! Each line is the best of several runs; the last line sums them weighted by the number of such
 //! convolutions in one step. On a shared machine run the two back to back, more than once.
 use anyhow::Result;
-use candle_core::{Device, Tensor};
 use sd_rs::model::ops;
 use std::time::Instant;
+
+mod common;
+use common::{flag_number, pattern};
 
 /// (convolutions of this shape in one step, batch, channels in, size, channels out, kernel,
 /// stride): the U-Net's conv_in, resnets (3x3 and 1x1 shortcuts), downsamplers, the
@@ -41,10 +43,6 @@ pub const CONVS: [(usize, usize, usize, usize, usize, usize, usize); 23] = [
     (1, 32, 64, 16, 4, 3, 1),
 ];
 
-fn pattern(len: usize, k: f64) -> Result<Tensor> {
-    Ok((Tensor::arange(0f32, len as f32, &Device::Cpu)? * k)?.sin()?)
-}
-
 /// The best time of `runs` calls of `f`.
 fn best_of(runs: usize, mut f: impl FnMut() -> Result<()>) -> Result<f64> {
     let mut best = f64::MAX;
@@ -58,14 +56,7 @@ fn best_of(runs: usize, mut f: impl FnMut() -> Result<()>) -> Result<f64> {
 
 fn main() -> Result<()> {
     // `--case i`: only the i-th shape, `--runs n` timed runs each (for perf).
-    let args: Vec<String> = std::env::args().collect();
-    let value_of = |flag: &str| {
-        args.iter()
-            .position(|a| a == flag)
-            .and_then(|i| args.get(i + 1))
-            .and_then(|v| v.parse::<usize>().ok())
-    };
-    let (case, runs) = (value_of("--case"), value_of("--runs").unwrap_or(6));
+    let (case, runs) = (flag_number("--case"), flag_number("--runs").unwrap_or(6));
     let pool = rayon::ThreadPoolBuilder::new().build()?;
     println!("threads: {}", pool.current_num_threads());
     pool.install(|| -> Result<()> {
