@@ -1198,12 +1198,12 @@ fn accumulate_dk_dv<T: Real, const R: usize, const D: usize, const J: usize>(
 
 // Narrow heads (8 or 16 wide, the shipped model's): a head's few multiply-adds per score make
 // the passes over a block's scores the cost, so these kernels make fewer of them. The scores'
-// pass also takes each row's maximum; the forward's exponentials, row sums and the product
-// with v are one pass over sub-blocks of W rows whose D x W accumulators stay in registers
-// (the general kernels reread all scores from the L2 cache once per channel); the backward's
-// dq is made in its ds pass the same way, and its softmax centre is do . o (the forward's
-// output) instead of a pass over the scores. Blocks of R = 16 to 128 rows fit the head, so that
-// a 64-query head does not compute 64 rows of padding.
+// pass also takes each row's maximum. The forward then takes a sub-block of W rows at a time:
+// one pass makes its exponentials and row sums into a buffer that stays in the L1 cache, and
+// the product with v reads that buffer four channels per pass, their accumulators in registers
+// (the general kernels reread all scores from the L2 cache once per channel). The backward's
+// dq is made by sub-blocks the same way, and its softmax centre is do . o (the forward's
+// output) instead of a pass over the scores.
 
 /// The rows of `x`, `D` values each, as arrays: fixed lengths let the compiler unroll the loops
 /// over a row and keep their accumulators in registers.
