@@ -1171,8 +1171,8 @@ fn accumulate_dk_dv<T: Real, const R: usize, const D: usize, const J: usize>(
         let p: [&[T; R]; J] = std::array::from_fn(|jj| &pt[j0 + jj]);
         let ds: [&[T; R]; J] = std::array::from_fn(|jj| &dst[j0 + jj]);
         for r in 0..rows {
-            let q_r: &[T; D] = q[r * D..][..D].try_into().expect("D values");
-            let do_r: &[T; D] = dout[r * D..][..D].try_into().expect("D values");
+            let q_r = window::<T, { D }>(q, r * D);
+            let do_r = window::<T, { D }>(dout, r * D);
             for jj in 0..J {
                 let (p, ds) = (p[jj][r], ds[jj][r]);
                 for c in 0..D {
@@ -1550,12 +1550,6 @@ fn head_bwd<T: Real, const R: usize>(
     }
 }
 
-/// `x`, `N` values long, as an array.
-#[inline(always)]
-fn as_array<T, const N: usize>(x: &[T]) -> &[T; N] {
-    x.try_into().expect("N values")
-}
-
 /// Scaled dot-product attention: one task per head, whose scores exist only one block of query
 /// rows at a time. The backward recomputes them.
 #[derive(Debug, Clone, Copy)]
@@ -1645,8 +1639,8 @@ impl AttentionOp {
                 // Narrow heads' rows as fixed-size copies (a memcpy call per 8-value row
                 // cost more than the copy).
                 match d {
-                    8 => rows.for_each(|row| buf.extend_from_slice(as_array::<T, 8>(row))),
-                    16 => rows.for_each(|row| buf.extend_from_slice(as_array::<T, 16>(row))),
+                    8 => rows.for_each(|row| buf.extend_from_slice(window::<T, 8>(row, 0))),
+                    16 => rows.for_each(|row| buf.extend_from_slice(window::<T, 16>(row, 0))),
                     _ => rows.for_each(|row| buf.extend_from_slice(row)),
                 }
                 buf
@@ -1675,8 +1669,8 @@ impl AttentionOp {
                 for (r, row) in rows.chunks_exact(d).enumerate() {
                     let at = out.add(((b * n + r) * h + j) * d);
                     match d {
-                        8 => (at as *mut [T; 8]).write_unaligned(*as_array::<T, 8>(row)),
-                        16 => (at as *mut [T; 16]).write_unaligned(*as_array::<T, 16>(row)),
+                        8 => (at as *mut [T; 8]).write_unaligned(*window::<T, 8>(row, 0)),
+                        16 => (at as *mut [T; 16]).write_unaligned(*window::<T, 16>(row, 0)),
                         _ => std::ptr::copy_nonoverlapping(row.as_ptr(), at, d),
                     }
                 }
