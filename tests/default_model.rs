@@ -51,8 +51,8 @@ fn hair_colour_of(image: &image::RgbImage, colours: &[(String, [f64; 3])]) -> St
     let mut channels: [Vec<u8>; 3] = Default::default();
     for (m, px) in mask("hair", image).into_iter().zip(image.pixels()) {
         if m >= 0.9 {
-            for c in 0..3 {
-                channels[c].push(px.0[c]);
+            for (channel, &value) in channels.iter_mut().zip(&px.0) {
+                channel.push(value);
             }
         }
     }

@@ -101,8 +101,8 @@ prediction_type = "v_prediction"
 fn mean_rgb(img: &image::RgbImage) -> [f64; 3] {
     let mut sum = [0f64; 3];
     for p in img.pixels() {
-        for c in 0..3 {
-            sum[c] += p.0[c] as f64;
+        for (s, &value) in sum.iter_mut().zip(&p.0) {
+            *s += value as f64;
         }
     }
     let n = (img.width() * img.height()) as f64;

@@ -14,7 +14,7 @@ use sd_rs::model::vae::{AutoencoderKL, AutoencoderKLConfig, Tiling};
 use sd_rs::model::weights::{load_component, read_config, save_component, save_safetensors_atomic};
 
 mod common;
-use common::max_abs_diff;
+use common::{max_abs_diff, ShapeRecorder};
 
 fn fixture() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/vae")
@@ -174,66 +174,6 @@ fn saved_by_sd_rs_reloads_identically() {
         ("decoded".to_string(), decoded),
     ]);
     save_safetensors_atomic(&saved.join("vae_io.safetensors"), &io_out, None).unwrap();
-}
-
-/// A `VarBuilder` backend that records every requested tensor name and shape and hands out
-/// broadcast zeros (no memory), so full-size architectures can be built in a test.
-type NamedShapes = Vec<(String, Vec<usize>)>;
-
-#[derive(Clone, Default)]
-struct ShapeRecorder(std::sync::Arc<std::sync::Mutex<NamedShapes>>);
-
-impl candle_nn::var_builder::SimpleBackend for ShapeRecorder {
-    fn get(
-        &self,
-        s: candle_core::Shape,
-        name: &str,
-        _: candle_nn::Init,
-        dtype: DType,
-        dev: &Device,
-    ) -> candle_core::Result<Tensor> {
-        self.0
-            .lock()
-            .unwrap()
-            .push((name.to_string(), s.dims().to_vec()));
-        Tensor::zeros((), dtype, dev)?.broadcast_as(s)
-    }
-    fn get_unchecked(&self, name: &str, _: DType, _: &Device) -> candle_core::Result<Tensor> {
-        candle_core::bail!("unexpected unchecked read of {name}")
-    }
-    fn contains_tensor(&self, _: &str) -> bool {
-        true
-    }
-}
-
-impl ShapeRecorder {
-    fn var_builder(&self) -> VarBuilder<'static> {
-        VarBuilder::from_backend(Box::new(self.clone()), DType::F32, Device::Cpu)
-    }
-
-    /// (tensor count, parameter count, FNV-1a 64 of the sorted `name:d0,d1;` list), the
-    /// signature scripts/make_unet_vae_fixtures.py records from diffusers' state_dict.
-    fn signature(&self) -> (usize, usize, String) {
-        let mut shapes = self.0.lock().unwrap().clone();
-        shapes.sort();
-        let text: String = shapes
-            .iter()
-            .map(|(name, dims)| {
-                let dims: Vec<String> = dims.iter().map(|d| d.to_string()).collect();
-                format!("{name}:{};", dims.join(","))
-            })
-            .collect();
-        let mut h: u64 = 0xcbf29ce484222325;
-        for b in text.bytes() {
-            h ^= b as u64;
-            h = h.wrapping_mul(0x100000001b3);
-        }
-        let n_params = shapes
-            .iter()
-            .map(|(_, d)| d.iter().product::<usize>())
-            .sum();
-        (shapes.len(), n_params, format!("{h:016x}"))
-    }
 }
 
 #[test]

@@ -1060,6 +1060,7 @@ multiversion! {
 /// One head, as [`attention_head_fwd`], with GEMMs: per block of query rows, the scores
 /// S = scale q kᵀ (one GEMM), P = exp(S - row max) in place, o = P v (a second GEMM) divided
 /// by the rows' sums.
+#[allow(clippy::too_many_arguments)]
 fn attention_head_fwd_gemm<T: Real>(
     q: &[T],
     k: &[T],
@@ -3092,7 +3093,7 @@ impl ConvOp {
         // the convolutions' time in a training step. With output channels in whole vectors
         // the GEMM makes dwᵀ instead, its kernels reading dy transposed, a copy of c_out rows
         // per image instead of k: worth it where k is several times c_out (3x3 kernels).
-        let by_channel = c_out % 16 == 0 && k >= 4 * c_out;
+        let by_channel = c_out.is_multiple_of(16) && k >= 4 * c_out;
         let partial = |images: &[usize]| {
             let mut dw = vec![T::zero(); c_out * k];
             let mut db = vec![T::zero(); if bias { c_out } else { 0 }];

@@ -1,6 +1,7 @@
 //! Helpers shared by the integration tests: running the real `sd-rs` binary (cli_generate,
-//! cli_train, default_model) and comparing tensors (the parity tests). Each integration test is
-//! its own crate and includes this with `mod common;`.
+//! cli_train, default_model), comparing tensors and recording the tensor names and shapes a
+//! network asks for (the parity tests). Each integration test is its own crate and includes
+//! this with `mod common;`.
 #![allow(dead_code)] // not every test crate uses every helper
 
 use std::path::{Path, PathBuf};
@@ -117,4 +118,73 @@ pub fn max_abs_diff(a: &candle_core::Tensor, b: &candle_core::Tensor) -> f64 {
         .unwrap()
         .to_scalar::<f64>()
         .unwrap()
+}
+
+/// A `VarBuilder` backend that records every requested tensor name and shape and hands out
+/// broadcast zeros (no memory), so full-size architectures can be built in a test.
+pub type NamedShapes = Vec<(String, Vec<usize>)>;
+
+#[derive(Clone, Default)]
+pub struct ShapeRecorder(std::sync::Arc<std::sync::Mutex<NamedShapes>>);
+
+impl candle_nn::var_builder::SimpleBackend for ShapeRecorder {
+    fn get(
+        &self,
+        s: candle_core::Shape,
+        name: &str,
+        _: candle_nn::Init,
+        dtype: candle_core::DType,
+        dev: &candle_core::Device,
+    ) -> candle_core::Result<candle_core::Tensor> {
+        self.0
+            .lock()
+            .unwrap()
+            .push((name.to_string(), s.dims().to_vec()));
+        candle_core::Tensor::zeros((), dtype, dev)?.broadcast_as(s)
+    }
+    fn get_unchecked(
+        &self,
+        name: &str,
+        _: candle_core::DType,
+        _: &candle_core::Device,
+    ) -> candle_core::Result<candle_core::Tensor> {
+        candle_core::bail!("unexpected unchecked read of {name}")
+    }
+    fn contains_tensor(&self, _: &str) -> bool {
+        true
+    }
+}
+
+impl ShapeRecorder {
+    pub fn var_builder(&self) -> candle_nn::VarBuilder<'static> {
+        candle_nn::VarBuilder::from_backend(
+            Box::new(self.clone()),
+            candle_core::DType::F32,
+            candle_core::Device::Cpu,
+        )
+    }
+
+    /// (tensor count, parameter count, FNV-1a 64 of the sorted `name:d0,d1;` list), the
+    /// signature scripts/make_unet_vae_fixtures.py records from diffusers' state_dict.
+    pub fn signature(&self) -> (usize, usize, String) {
+        let mut shapes = self.0.lock().unwrap().clone();
+        shapes.sort();
+        let text: String = shapes
+            .iter()
+            .map(|(name, dims)| {
+                let dims: Vec<String> = dims.iter().map(|d| d.to_string()).collect();
+                format!("{name}:{};", dims.join(","))
+            })
+            .collect();
+        let mut h: u64 = 0xcbf29ce484222325;
+        for b in text.bytes() {
+            h ^= b as u64;
+            h = h.wrapping_mul(0x100000001b3);
+        }
+        let n_params = shapes
+            .iter()
+            .map(|(_, d)| d.iter().product::<usize>())
+            .sum();
+        (shapes.len(), n_params, format!("{h:016x}"))
+    }
 }
