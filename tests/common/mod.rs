@@ -7,6 +7,9 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
+use candle_core::{DType, Device, Shape, Tensor};
+use candle_nn::VarBuilder;
+
 /// A fresh, empty folder `CARGO_TARGET_TMPDIR/<group>/<name>` for one test.
 pub fn temp_dir(group: &str, name: &str) -> PathBuf {
     let dir = Path::new(env!("CARGO_TARGET_TMPDIR"))
@@ -103,8 +106,7 @@ pub fn sd_rs<S: AsRef<str>>(home: &Path, args: &[S]) -> Run {
 }
 
 /// The largest absolute difference between two tensors of the same shape, computed in f64.
-pub fn max_abs_diff(a: &candle_core::Tensor, b: &candle_core::Tensor) -> f64 {
-    use candle_core::DType;
+pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
     assert_eq!(a.dims(), b.dims(), "shapes differ");
     let a = a.to_dtype(DType::F64).unwrap();
     let b = b.to_dtype(DType::F64).unwrap();
@@ -120,34 +122,30 @@ pub fn max_abs_diff(a: &candle_core::Tensor, b: &candle_core::Tensor) -> f64 {
         .unwrap()
 }
 
-/// A `VarBuilder` backend that records every requested tensor name and shape and hands out
-/// broadcast zeros (no memory), so full-size architectures can be built in a test.
+/// (tensor name, shape) pairs in the order a network asked for them.
 pub type NamedShapes = Vec<(String, Vec<usize>)>;
 
+/// A `VarBuilder` backend that records every requested tensor name and shape and hands out
+/// broadcast zeros (no memory), so full-size architectures can be built in a test.
 #[derive(Clone, Default)]
 pub struct ShapeRecorder(std::sync::Arc<std::sync::Mutex<NamedShapes>>);
 
 impl candle_nn::var_builder::SimpleBackend for ShapeRecorder {
     fn get(
         &self,
-        s: candle_core::Shape,
+        s: Shape,
         name: &str,
         _: candle_nn::Init,
-        dtype: candle_core::DType,
-        dev: &candle_core::Device,
-    ) -> candle_core::Result<candle_core::Tensor> {
+        dtype: DType,
+        dev: &Device,
+    ) -> candle_core::Result<Tensor> {
         self.0
             .lock()
             .unwrap()
             .push((name.to_string(), s.dims().to_vec()));
-        candle_core::Tensor::zeros((), dtype, dev)?.broadcast_as(s)
+        Tensor::zeros((), dtype, dev)?.broadcast_as(s)
     }
-    fn get_unchecked(
-        &self,
-        name: &str,
-        _: candle_core::DType,
-        _: &candle_core::Device,
-    ) -> candle_core::Result<candle_core::Tensor> {
+    fn get_unchecked(&self, name: &str, _: DType, _: &Device) -> candle_core::Result<Tensor> {
         candle_core::bail!("unexpected unchecked read of {name}")
     }
     fn contains_tensor(&self, _: &str) -> bool {
@@ -156,12 +154,8 @@ impl candle_nn::var_builder::SimpleBackend for ShapeRecorder {
 }
 
 impl ShapeRecorder {
-    pub fn var_builder(&self) -> candle_nn::VarBuilder<'static> {
-        candle_nn::VarBuilder::from_backend(
-            Box::new(self.clone()),
-            candle_core::DType::F32,
-            candle_core::Device::Cpu,
-        )
+    pub fn var_builder(&self) -> VarBuilder<'static> {
+        VarBuilder::from_backend(Box::new(self.clone()), DType::F32, Device::Cpu)
     }
 
     /// (tensor count, parameter count, FNV-1a 64 of the sorted `name:d0,d1;` list), the
